@@ -1,0 +1,21 @@
+"""Where the set-up puts things. One place, so scripts and tests agree."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HOST_DIR = REPO_ROOT / ".host"
+CHECKPOINT_DIR = HOST_DIR / "checkpoints"
+EXTRA_PATHS_FILE = HOST_DIR / "extra_model_paths.yaml"
+STUBS_DIR = HOST_DIR / "stubs"
+PACK_LINK_NAME = "comfyui-rece"
+
+# The test/demo checkpoint that the set-up builds and the main job defaults to.
+SLIM_SD15_NAME = "rece_test_sd15_slim.safetensors"
+
+
+def comfyui_dir() -> Path:
+    """The ComfyUI checkout in use: COMFYUI_PATH if set, else the provisioned one."""
+    override = os.environ.get("COMFYUI_PATH")
+    return Path(override).resolve() if override else HOST_DIR / "ComfyUI"

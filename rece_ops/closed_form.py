@@ -1,0 +1,180 @@
+"""The two closed forms of RECE, on plain tensors.
+
+Both reduce to small ``d x d`` systems (``d`` = context width). They are
+formed and solved in float64: the UCE system is badly conditioned (condition
+numbers near 5e5 with SD1.4-shaped weights), so float32 would cost about 2%
+of accuracy. The Gram matrix of all layers is float64 too (see ``gram``);
+the per-matrix deltas, the other large product, run in float32 on the
+weights' device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+
+ALGEBRA_DTYPE = torch.float64
+
+
+def algebra_device(device: torch.device) -> torch.device:
+    """Where the float64 ``d x d`` algebra runs: the weights' device, except
+    MPS, which has no float64."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def as_algebra(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return tensor.to(device=device, dtype=ALGEBRA_DTYPE)
+
+
+def gram(weights: Iterable[torch.Tensor] | Mapping[str, torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """``G = sum_l W_l^T W_l`` over all K/V matrices, float64 ``[d, d]``.
+
+    Computed in float64 on the weights' device although it is a large
+    product: the adversarial system ``T^T G T + reg*I`` is held only by
+    ``reg`` in G's weak directions, so float32 rounding in ``G`` (about
+    1e-7*|G| in every direction) comes back amplified by |G|/reg, beyond 1e-5
+    when the model has fewer K/V rows than the context is wide. ``G``
+    depends only on the original weights: callers compute it once per model.
+    """
+    matrices = list(weights.values() if isinstance(weights, Mapping) else weights)
+    if not matrices:
+        raise ValueError("no K/V weights given")
+    width = matrices[0].shape[1]
+    target = algebra_device(device or matrices[0].device)
+    total = torch.zeros(width, width, dtype=ALGEBRA_DTYPE, device=target)
+    for matrix in matrices:
+        if matrix.ndim != 2 or matrix.shape[1] != width:
+            raise ValueError(f"every K/V weight must be [d_out, {width}], got {tuple(matrix.shape)}")
+        w = matrix.to(device=target, dtype=ALGEBRA_DTYPE)
+        total += w.T @ w
+    return total
+
+
+@dataclass(frozen=True)
+class EditStep:
+    """One UCE edit step in factored form: ``T = I + up @ down``.
+
+    ``up`` is ``[d, n]`` and ``down`` is ``[n, d]`` (float64), ``n`` the number
+    of erase rows, so ``T - I`` has rank at most ``n`` by construction.
+    """
+
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @property
+    def rank_bound(self) -> int:
+        return self.up.shape[1]
+
+    def dense(self) -> torch.Tensor:
+        """``T`` as a ``[d, d]`` matrix."""
+        eye = torch.eye(self.up.shape[0], dtype=self.up.dtype, device=self.up.device)
+        return eye + self.up @ self.down
+
+
+def uce_step(
+    erase_rows: torch.Tensor,
+    target_rows: torch.Tensor,
+    preserve_rows: torch.Tensor | None,
+    *,
+    lamb: float,
+    erase_scale: float,
+    preserve_scale: float,
+) -> EditStep:
+    """One UCE edit step: the layer-independent transform ``T = A @ inv(M)``.
+
+    Every K/V matrix ``W`` becomes ``W @ T``, the minimiser of
+    ``lamb*|W' - W|^2 + erase_scale*sum_r |W' c_r - W t_r|^2
+    + preserve_scale*sum_s |W' p_s - W p_s|^2`` (UCE, RECE Eq. 3), with
+
+        M = lamb*I + erase_scale*C^T C + preserve_scale*P^T P
+        A = lamb*I + erase_scale*T^T C + preserve_scale*P^T P
+
+    Since ``A - M = erase_scale*(T - C)^T C``, ``T = I + up @ down`` with
+    ``up = erase_scale*(T - C)^T`` and ``down = C @ inv(M)``. Forming the
+    difference from the identity this way keeps ``T - I`` exactly low-rank;
+    ``solve(M, A^T)^T - I`` would carry the solve's rounding (amplified by
+    ``M``'s condition number) into every direction.
+
+    Args:
+        erase_rows: ``C``, ``[n, d]`` rows to erase.
+        target_rows: ``T``, ``[n, d]`` rows each erased row must behave like.
+        preserve_rows: ``P``, ``[m, d]`` rows whose outputs must stay, or None.
+
+    Returns:
+        The step's factors, float64 on the rows' algebra device.
+    """
+    if erase_rows.shape != target_rows.shape:
+        raise ValueError(f"erase rows {tuple(erase_rows.shape)} and target rows {tuple(target_rows.shape)} must match")
+    device = algebra_device(erase_rows.device)
+    c = as_algebra(erase_rows, device)
+    t = as_algebra(target_rows, device)
+    width = c.shape[1]
+    m = lamb * torch.eye(width, dtype=ALGEBRA_DTYPE, device=device) + erase_scale * (c.T @ c)
+    if preserve_rows is not None and preserve_rows.numel():
+        p = as_algebra(preserve_rows, device)
+        if p.shape[1] != width:
+            raise ValueError(f"preserve rows are {p.shape[1]} wide, erase rows {width}")
+        m = m + preserve_scale * (p.T @ p)
+    # The float64 sums are symmetric up to rounding; make M exactly so.
+    m = 0.5 * (m + m.T)
+    down = torch.linalg.solve(m, c.T).T  # C @ inv(M), M symmetric
+    return EditStep(up=erase_scale * (t - c).T, down=down)
+
+
+def uce_transform(
+    erase_rows: torch.Tensor,
+    target_rows: torch.Tensor,
+    preserve_rows: torch.Tensor | None,
+    *,
+    lamb: float,
+    erase_scale: float,
+    preserve_scale: float,
+) -> torch.Tensor:
+    """``T`` of one UCE step as a dense ``[d, d]`` float64 matrix (see ``uce_step``)."""
+    return uce_step(
+        erase_rows, target_rows, preserve_rows, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale
+    ).dense()
+
+
+def adversarial_embedding(
+    concept_rows: torch.Tensor,
+    transform: torch.Tensor,
+    gram_matrix: torch.Tensor,
+    reg_scale: float,
+    anchor_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """RECE's closed-form adversarial embedding against an edited model.
+
+    With edited weights ``W'_l = W_l @ transform`` and ``G = sum_l W_l^T W_l``
+    of the original weights, each row ``c`` becomes
+
+        c' = argmin_x sum_l |W'_l x - W_l c|^2 + reg_scale*|x - a|^2
+           = inv(T^T G T + reg_scale*I) @ (T^T G c + reg_scale*a)
+
+    with ``a = 0`` (the paper's regulariser "toward zero") unless
+    ``anchor_rows`` gives ``a`` (the authors' "standard regularisation").
+
+    Args:
+        concept_rows: ``[n, d]`` rows of the concept's embedding.
+        transform: ``[d, d]`` cumulative edit so far.
+        gram_matrix: ``[d, d]`` Gram matrix of the original K/V weights.
+        reg_scale: regulariser weight (> 0 unless ``T^T G T`` is invertible).
+        anchor_rows: ``[n, d]`` anchor embedding, or None for zero.
+
+    Returns:
+        ``[n, d]`` float64 rows.
+    """
+    device = transform.device
+    t = as_algebra(transform, device)
+    g = as_algebra(gram_matrix, device)
+    c = as_algebra(concept_rows, device)
+    gt = g @ t
+    h = t.T @ gt + reg_scale * torch.eye(t.shape[0], dtype=ALGEBRA_DTYPE, device=device)
+    h = 0.5 * (h + h.T)
+    rhs = gt.T @ c.T
+    if anchor_rows is not None:
+        if anchor_rows.shape != concept_rows.shape:
+            raise ValueError(f"anchor {tuple(anchor_rows.shape)} must match concept rows {tuple(concept_rows.shape)}")
+        rhs = rhs + reg_scale * as_algebra(anchor_rows, device).T
+    return torch.linalg.solve(h, rhs).T

@@ -1,0 +1,132 @@
+"""The RECE loop: one UCE step, then epochs of adversarial re-erasure.
+
+Gong et al., ECCV 2024 (arXiv 2407.12383), Sec. 3, with the erase step of
+UCE (Gandikota et al., WACV 2024). Because each step multiplies every K/V
+matrix by one ``d x d`` transform, the loop never touches per-layer weights:
+it needs only ``G = sum_l W_l^T W_l`` of the original weights.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from rece_ops.closed_form import adversarial_embedding, algebra_device, as_algebra, gram, uce_step
+from rece_ops.erasure import Erasure
+from rece_ops.settings import RECESettings
+from rece_ops.texts import EncodedText, uce_erase_rows
+
+# Called after each step as (steps_done, steps_total); may raise to cancel.
+StepCallback = Callable[[int, int], None]
+
+
+def _stack_rows(texts: Sequence[EncodedText], device: torch.device) -> torch.Tensor | None:
+    if not texts:
+        return None
+    return torch.cat([as_algebra(t.rows, device) for t in texts])
+
+
+def _check_widths(width: int, groups: Mapping[str, Sequence[EncodedText]]) -> None:
+    for role, texts in groups.items():
+        for text in texts:
+            if text.width != width:
+                raise ValueError(
+                    f"{role} text {text.text!r} is {text.width} wide but the K/V weights read a "
+                    f"{width}-wide context: the text encoder does not match the model"
+                )
+
+
+def erase(
+    concepts: Sequence[EncodedText],
+    guides: Sequence[EncodedText],
+    preserves: Sequence[EncodedText],
+    settings: RECESettings,
+    *,
+    weights: Mapping[str, torch.Tensor] | None = None,
+    gram_matrix: torch.Tensor | None = None,
+    epoch_preserves: Sequence[EncodedText] | None = None,
+    anchors: Sequence[EncodedText | None] | None = None,
+    callback: StepCallback | None = None,
+) -> Erasure:
+    """Run UCE and ``settings.epochs`` RECE epochs; return the edit.
+
+    Args:
+        concepts: the concepts to erase, encoded.
+        guides: one guide per concept (what it should become; the paper's
+            default is the empty prompt).
+        preserves: preserve texts of every step, exactly as used (callers add
+            the empty prompt; see ``texts.preserve_prompts``).
+        settings: scales and epoch count.
+        weights: the original K/V matrices ``{name: [d_out, d]}``; used only
+            for ``G``. Give ``gram_matrix`` instead to reuse a cached ``G``.
+        gram_matrix: ``G = sum W^T W`` of the original weights (float64).
+        epoch_preserves: preserve texts of the epochs when they differ from
+            the UCE step's (the authors' scripts pass different lists).
+        anchors: per concept, the embedding that ``reg_scale`` pulls the
+            adversarial embedding toward; None (for all or one concept) is
+            zero, the paper's regulariser.
+        callback: progress hook, see ``StepCallback``.
+
+    Returns:
+        An ``Erasure`` with every step's transform and every epoch's
+        adversarial embeddings. Nothing is modified in place.
+    """
+    if not concepts:
+        raise ValueError("no concepts to erase: give at least one concept")
+    if len(guides) != len(concepts):
+        raise ValueError(f"{len(concepts)} concepts but {len(guides)} guides: give one guide per concept")
+    if anchors is not None and len(anchors) != len(concepts):
+        raise ValueError(f"{len(concepts)} concepts but {len(anchors)} anchors")
+    if gram_matrix is None:
+        if weights is None:
+            raise ValueError("give the K/V weights or their Gram matrix")
+        gram_matrix = gram(weights)
+    width = gram_matrix.shape[0]
+    epoch_preserves = preserves if epoch_preserves is None else epoch_preserves
+    _check_widths(width, {"concept": concepts, "guide": guides, "preserve": preserves,
+                          "epoch preserve": epoch_preserves, "anchor": [a for a in anchors or () if a is not None]})
+    if not torch.isfinite(gram_matrix).all():
+        raise ValueError("the K/V weights contain NaN or infinite values")
+
+    device = algebra_device(gram_matrix.device)
+    g = as_algebra(gram_matrix, device)
+    scales = dict(lamb=settings.lamb, erase_scale=settings.erase_scale, preserve_scale=settings.preserve_scale)
+    total = 1 + settings.epochs
+
+    # UCE step: word-aligned rows of each concept against its guide.
+    pairs = [uce_erase_rows(c, t) for c, t in zip(concepts, guides)]
+    erase_rows = torch.cat([as_algebra(c, device) for c, _ in pairs])
+    target_rows = torch.cat([as_algebra(t, device) for _, t in pairs])
+    steps = [uce_step(erase_rows, target_rows, _stack_rows(preserves, device), **scales)]
+    current = steps[0].dense()
+    if callback:
+        callback(1, total)
+
+    # Epochs: all 77 rows of each guide are the targets of every epoch.
+    guide_rows = torch.cat([as_algebra(t.rows, device) for t in guides])
+    epoch_keep = _stack_rows(epoch_preserves, device)
+    adversarial: list[tuple[torch.Tensor, ...]] = []
+    for epoch in range(settings.epochs):
+        # Every concept's c' is derived before this epoch's edit.
+        found = tuple(
+            adversarial_embedding(
+                as_algebra(c.rows, device), current, g, settings.reg_scale,
+                None if anchors is None or anchors[k] is None else as_algebra(anchors[k].rows, device),
+            )
+            for k, c in enumerate(concepts)
+        )
+        adversarial.append(found)
+        step = uce_step(torch.cat(found), guide_rows, epoch_keep, **scales)
+        steps.append(step)
+        current = current + (current @ step.up) @ step.down
+        if callback:
+            callback(epoch + 2, total)
+
+    return Erasure(
+        steps=tuple(steps),
+        adversarial=tuple(adversarial),
+        settings=settings,
+        concepts=tuple(c.text for c in concepts),
+        guides=tuple(t.text for t in guides),
+        preserves=tuple(p.text for p in preserves),
+    )

@@ -1,0 +1,65 @@
+"""How much an erasure changed, measured through ``G = sum_l W_l^T W_l``.
+
+Every quantity summed over all K/V matrices, ``sum_l |W_l X|_F^2``, equals
+``trace(X^T G X)``, so these report numbers cost ``d x d`` algebra only, no
+per-layer work.
+"""
+from __future__ import annotations
+
+import torch
+
+from rece_ops.closed_form import adversarial_embedding, as_algebra
+from rece_ops.erasure import Erasure
+
+
+def _energy(gram_matrix: torch.Tensor, rows: torch.Tensor) -> float:
+    """``sum_l |W_l x|^2`` over the rows ``x`` (``rows`` is ``[n, d]``)."""
+    x = as_algebra(rows, gram_matrix.device)
+    return float(torch.einsum("nd,de,ne->", x, gram_matrix, x).clamp_min(0))
+
+
+def weight_change(gram_matrix: torch.Tensor, erasure: Erasure) -> float:
+    """``|W (T - I)|_F / |W|_F`` over all K/V matrices together."""
+    edit = as_algebra(erasure.edit, gram_matrix.device)
+    return (_energy(gram_matrix, edit.T) / float(torch.trace(gram_matrix))) ** 0.5
+
+
+def remaining_distance(
+    gram_matrix: torch.Tensor, erasure: Erasure, erase_rows: torch.Tensor, target_rows: torch.Tensor
+) -> float:
+    """How far erased rows' outputs still are from their targets' original
+    outputs, relative to before: ``|W T c - W t| / |W c - W t|`` (0 = fully
+    mapped onto the guide, 1 = untouched)."""
+    device = gram_matrix.device
+    c, t = as_algebra(erase_rows, device), as_algebra(target_rows, device)
+    before = _energy(gram_matrix, c - t)
+    after = _energy(gram_matrix, c @ as_algebra(erasure.transform, device).T - t)
+    return (after / before) ** 0.5 if before > 0 else 0.0
+
+
+def preserve_drift(gram_matrix: torch.Tensor, erasure: Erasure, preserve_rows: torch.Tensor) -> float:
+    """``|W (T - I) p| / |W p|`` over preserve rows: 0 means untouched."""
+    device = gram_matrix.device
+    p = as_algebra(preserve_rows, device)
+    base = _energy(gram_matrix, p)
+    moved = _energy(gram_matrix, p @ as_algebra(erasure.edit, device).T)
+    return (moved / base) ** 0.5 if base > 0 else 0.0
+
+
+def adversarial_recovery(
+    gram_matrix: torch.Tensor, erasure: Erasure, concept_rows: torch.Tensor, guide_rows: torch.Tensor, reg_scale: float
+) -> float:
+    """How much of the concept the best adversarial embedding brings back.
+
+    Derives ``c'`` against the final edit (RECE's closed form) and returns
+    ``1 - |W T c' - W c| / |W t - W c|``: 1 if the edited model can
+    reproduce the original concept's outputs exactly, 0 if it gets no closer
+    than the guide ``t`` does, negative if even further away.
+    """
+    device = gram_matrix.device
+    c, t = as_algebra(concept_rows, device), as_algebra(guide_rows, device)
+    transform = as_algebra(erasure.transform, device)
+    found = adversarial_embedding(c, transform, gram_matrix, reg_scale)
+    gap = _energy(gram_matrix, found @ transform.T - c) ** 0.5
+    baseline = _energy(gram_matrix, t - c) ** 0.5
+    return 1.0 - gap / baseline if baseline > 0 else 0.0

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite, set-up included (safe to run again). Extra arguments go to pytest.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash scripts/setup.sh
+# Two workers: this machine and CI have 2 cores.
+exec .venv/bin/python -m pytest -n 2 "$@"

@@ -1,0 +1,64 @@
+"""The test host: provisioning is idempotent and COMFYUI_PATH selects another ComfyUI."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+from devkit import host, paths
+
+
+def provision(env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "devkit.provision", "--skip-checkpoints"],
+        cwd=paths.REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def copy_of_host(tmp_path):
+    """A ComfyUI checkout elsewhere: the provisioned one, without this pack linked."""
+    target = tmp_path / "OtherComfyUI"
+    shutil.copytree(
+        host.require_host(), target, symlinks=True,
+        ignore=shutil.ignore_patterns(paths.PACK_LINK_NAME, "__pycache__", "output", "temp", "user"),
+    )
+    return target
+
+
+def test_provisioning_twice_changes_nothing_the_second_time():
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+    first = provision(env)
+    assert first.returncode == 0, first.stderr
+    link = paths.comfyui_dir() / "custom_nodes" / paths.PACK_LINK_NAME
+    stamp = link.lstat().st_mtime_ns
+    second = provision(env)
+    assert second.returncode == 0, second.stderr
+    # A second run reports the host and does nothing else.
+    assert [line for line in second.stdout.splitlines() if line.startswith("[setup]")] == [
+        f"[setup] ComfyUI 0.3.75 at {paths.comfyui_dir()}"
+    ]
+    assert link.lstat().st_mtime_ns == stamp and link.resolve() == paths.REPO_ROOT
+
+
+def test_comfyui_path_points_the_harness_at_another_checkout(tmp_path, monkeypatch):
+    other = copy_of_host(tmp_path)
+    env = dict(os.environ, COMFYUI_PATH=str(other))
+    result = provision(env)
+    assert result.returncode == 0, result.stderr
+    assert f"at {other}" in result.stdout
+    assert (other / "custom_nodes" / paths.PACK_LINK_NAME).resolve() == paths.REPO_ROOT
+
+    monkeypatch.setenv("COMFYUI_PATH", str(other))
+    with host.server(tmp_path / "work") as running:
+        stats = running.get("/system_stats")
+        assert stats["system"]["comfyui_version"] == "0.3.75"
+        # The server runs from the other checkout and loads the pack from there.
+        assert str(other / "custom_nodes" / paths.PACK_LINK_NAME) in running.log()
+
+
+def test_comfyui_path_that_is_not_comfyui_is_refused(tmp_path):
+    env = dict(os.environ, COMFYUI_PATH=str(tmp_path))
+    result = provision(env)
+    assert result.returncode != 0
+    assert "is not a ComfyUI checkout" in result.stderr
