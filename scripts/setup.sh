@@ -19,7 +19,7 @@ want="$(sha256sum scripts/requirements-host.txt | cut -d' ' -f1)"
 stamp=.venv/.requirements-host.sha256
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     echo "[setup] installing pinned packages into .venv (about a minute)"
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r scripts/requirements-host.txt
+    .venv/bin/python -m pip install -qq --disable-pip-version-check -r scripts/requirements-host.txt
     echo "$want" > "$stamp"
 fi
 .venv/bin/python -m devkit.provision "$@"

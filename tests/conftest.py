@@ -9,6 +9,16 @@ import torch
 from devkit import host, paths
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    # Two xdist workers on two cores: OpenMP threads that spin while the
+    # other worker computes make every test several times slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def comfy_nodes(tmp_path_factory):
     """ComfyUI's ``nodes`` module, loaded once per worker, output in a temp folder."""

@@ -31,16 +31,6 @@ TOLERANCE = 1e-5
 _LAST_LINE = re.compile(r"^max relative error: (\S+)$")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Two xdist workers on two cores: OpenMP threads that spin while the
-    # other worker computes make every test several times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_parity(*fixtures: Path) -> tuple[int, str, str, float | None]:
     """Run the CLI from the repo root with this interpreter; return
     (exit status, stdout, stderr, parsed max relative error or None)."""
