@@ -105,18 +105,22 @@ def erase(
     # Epochs: all 77 rows of each guide are the targets of every epoch.
     guide_rows = torch.cat([as_algebra(t.rows, device) for t in guides])
     epoch_keep = _stack_rows(epoch_preserves, device)
+    # All concepts share one adversarial system, so their rows are solved
+    # together; a zero anchor row is exactly the paper's "toward zero".
+    concept_rows = torch.cat([as_algebra(c.rows, device) for c in concepts])
+    anchor_rows = None
+    if anchors is not None and any(a is not None for a in anchors):
+        anchor_rows = torch.cat([
+            torch.zeros_like(as_algebra(c.rows, device)) if a is None else as_algebra(a.rows, device)
+            for c, a in zip(concepts, anchors)
+        ])
+    row_counts = [c.rows.shape[0] for c in concepts]
     adversarial: list[tuple[torch.Tensor, ...]] = []
     for epoch in range(settings.epochs):
         # Every concept's c' is derived before this epoch's edit.
-        found = tuple(
-            adversarial_embedding(
-                as_algebra(c.rows, device), current, g, settings.reg_scale,
-                None if anchors is None or anchors[k] is None else as_algebra(anchors[k].rows, device),
-            )
-            for k, c in enumerate(concepts)
-        )
-        adversarial.append(found)
-        step = uce_step(torch.cat(found), guide_rows, epoch_keep, **scales)
+        found = adversarial_embedding(concept_rows, current, g, settings.reg_scale, anchor_rows)
+        adversarial.append(tuple(found.split(row_counts)))
+        step = uce_step(found, guide_rows, epoch_keep, **scales)
         steps.append(step)
         current = current + (current @ step.up) @ step.down
         if callback:

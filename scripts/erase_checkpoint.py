@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
               f"preserved {', '.join(repr(p) for p in preserve_texts)}")
         print(f"settings        preset {args.preset}: lamb {settings.lamb}, erase_scale {settings.erase_scale}, "
               f"preserve_scale {settings.preserve_scale}, reg_scale {settings.reg_scale}, epochs {settings.epochs}")
-        print(f"edit            {len(erasure.steps)} steps, rank {erasure.rank()} of {erasure.width}; "
+        print(f"edit            {len(erasure.steps)} step{'s' if len(erasure.steps) != 1 else ''}, rank {erasure.rank()} of {erasure.width}; "
               f"K/V weights changed by {100 * metrics.weight_change(gram_matrix, erasure):.2f}% (Frobenius)")
         print(f"concept rows    remaining distance to the guide's outputs: "
               f"{metrics.remaining_distance(gram_matrix, erasure, erase_rows, target_rows):.4f} (1 = untouched)")
