@@ -50,12 +50,28 @@ def resolve_checkpoint(path: Path | None) -> str:
     path = path.resolve()
     if not path.is_file():
         raise SystemExit(f"no checkpoint file at {path}")
+    # Read only the header: a clear message beats a deserialisation error deep in the loader.
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as error:
+        raise SystemExit(f"{path} is not a .safetensors checkpoint ({error}); give an SD1.x .safetensors file")
     folder_paths.add_model_folder_path("checkpoints", str(path.parent))
     return path.name
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        return erase_and_save(parse_args(argv))
+    except ValueError as error:
+        # rece_ops and the glue raise ValueError for bad input, with the reason.
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def erase_and_save(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     nodes = host.load_in_process(output_dir=args.output_dir, quiet=True)
     import torch

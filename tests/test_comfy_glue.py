@@ -128,10 +128,7 @@ def test_nan_weights_are_refused_before_anything_is_erased(slim_sd15, glue):
 
 
 def test_main_job_erases_and_saves_a_checkpoint_comfyui_loads_back(tmp_path, comfy_nodes, glue):
-    result = subprocess.run(
-        [sys.executable, "scripts/erase_checkpoint.py", "--concepts", "nudity", "--output-dir", str(tmp_path)],
-        cwd=paths.REPO_ROOT, capture_output=True, text=True, timeout=600,
-    )
+    result = run_main_job("--concepts", "nudity", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     for label in ("checkpoint", "erased", "edit", "time", "saved"):
@@ -154,3 +151,39 @@ def test_main_job_erases_and_saves_a_checkpoint_comfyui_loads_back(tmp_path, com
     # The checkpoint stores fp16 weights: compare at fp16 precision.
     assert max(relative_error(got[k], expected[k]) for k in got) < 2e-3
     assert min(relative_error(got[k], weights[k]) for k in got) > 1e-3
+
+
+def test_model_without_cross_attention_is_refused_naming_what_is_supported(glue):
+    class NoCrossAttention:
+        """Stands for a MODEL whose denoiser has no attn2 (Flux, SD3 ...)."""
+
+        def model_state_dict(self, filter_prefix=None):
+            return {"diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 3)}
+
+    with pytest.raises(ValueError, match=r"no cross-attention key/value projections.*SD1\.x is supported"):
+        glue.weights.kv_keys(NoCrossAttention())
+
+
+def run_main_job(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "scripts/erase_checkpoint.py", *args],
+        cwd=paths.REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_main_job_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    fake = tmp_path / "model.safetensors"
+    fake.write_text("not a model")
+    result = run_main_job(str(fake), "--no-save")
+    assert result.returncode != 0
+    assert "is not a .safetensors checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_main_job_reports_bad_input_in_one_line_and_saves_nothing(tmp_path):
+    result = run_main_job("--concepts", "word " * 100, "--output-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "longer than one 75-token chunk" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("*.safetensors"))
