@@ -56,13 +56,21 @@ class _Missing:
         raise ImportError(_MESSAGE + ": " + self._name)
 
 
-def __getattr__(attr):
-    if attr.startswith("__"):
-        raise AttributeError(attr)
-    return _Missing("torchvision." + attr)
+def _getattr_for(module_name):
+    """Module ``__getattr__``: any public name is a placeholder that fails on use."""
+    def module_getattr(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _Missing(module_name + "." + attr)
+    return module_getattr
+
+
+__getattr__ = _getattr_for("torchvision")
 
 
 class _SubmoduleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes every ``torchvision.*`` submodule import as a stand-in too."""
+
     def find_spec(self, fullname, path, target=None):
         if fullname.startswith("torchvision."):
             return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
@@ -71,7 +79,7 @@ class _SubmoduleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         module = types.ModuleType(spec.name)
         module.__path__ = []
-        module.__getattr__ = lambda attr, _n=spec.name: (_ for _ in ()).throw(AttributeError(attr)) if attr.startswith("__") else _Missing(_n + "." + attr)
+        module.__getattr__ = _getattr_for(spec.name)
         return module
 
     def exec_module(self, module):
@@ -122,11 +130,11 @@ def comfyui_version(comfy: Path) -> str:
 
 
 def ensure_torchvision() -> None:
-    """Install the stand-in only where no working torchvision can be imported."""
-    probe = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True)
-    stub_init = paths.STUBS_DIR / "torchvision" / "__init__.py"
-    if probe.returncode == 0 and not stub_init.exists():
+    """Install the stand-in only where no real, working torchvision imports."""
+    real = "import sys, torchvision; sys.exit('stub' in getattr(torchvision, '__version__', 'stub'))"
+    if subprocess.run([sys.executable, "-c", real], capture_output=True).returncode == 0:
         return
+    stub_init = paths.STUBS_DIR / "torchvision" / "__init__.py"
     stub_init.parent.mkdir(parents=True, exist_ok=True)
     if not stub_init.exists() or stub_init.read_text() != TORCHVISION_STUB:
         log("writing the torchvision import-only stand-in")
