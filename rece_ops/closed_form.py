@@ -71,6 +71,11 @@ class EditStep:
         eye = torch.eye(self.up.shape[0], dtype=self.up.dtype, device=self.up.device)
         return eye + self.up @ self.down
 
+    def after(self, transform: torch.Tensor) -> torch.Tensor:
+        """``transform @ T``: this step applied after ``transform``, without
+        forming ``T`` (``transform + (transform @ up) @ down``)."""
+        return transform + (transform @ self.up) @ self.down
+
 
 def uce_step(
     erase_rows: torch.Tensor,

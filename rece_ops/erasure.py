@@ -55,7 +55,7 @@ class Erasure:
         """The dense transform after each step: ``T_1``, ``T_1 T_2``, ... (float64)."""
         out = [self.steps[0].dense()]
         for step in self.steps[1:]:
-            out.append(out[-1] + (out[-1] @ step.up) @ step.down)
+            out.append(step.after(out[-1]))
         return tuple(out)
 
     @property

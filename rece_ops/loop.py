@@ -122,7 +122,7 @@ def erase(
         adversarial.append(tuple(found.split(row_counts)))
         step = uce_step(found, guide_rows, epoch_keep, **scales)
         steps.append(step)
-        current = current + (current @ step.up) @ step.down
+        current = step.after(current)
         if callback:
             callback(epoch + 2, total)
 
