@@ -21,13 +21,27 @@ KV_SUFFIXES = (".attn2.to_k.weight", ".attn2.to_v.weight")
 
 def kv_keys(model) -> list[str]:
     """Names of every cross-attention key/value projection in the denoiser."""
+    if model is None or not hasattr(model, "model_state_dict"):
+        raise ValueError("no MODEL connected: connect the MODEL output of a checkpoint loader")
     keys = [k for k in model.model_state_dict(DIFFUSION_PREFIX) if k.endswith(KV_SUFFIXES)]
     if not keys:
+        family = type(getattr(model.model, "model_config", model.model)).__name__
         raise ValueError(
-            "this MODEL has no cross-attention key/value projections (attn2.to_k / attn2.to_v); "
-            "RECE edits UNet models that read a text context: SD1.x is supported"
+            f"this MODEL ({family}) has no cross-attention key/value projections that read the text "
+            "(attn2.to_k / attn2.to_v): RECE edits UNet models with cross-attention; supported: SD1.x "
+            "(SD 1.4, 1.5 and their fine-tunes). Flux, SD3 and other transformer models cannot be erased this way"
         )
     return sorted(keys)
+
+
+def check_text_width(width: int, weights: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a CLIP whose embeddings are not as wide as the K/V weights read."""
+    expected = next(iter(weights.values())).shape[1]
+    if width != expected:
+        raise ValueError(
+            f"the CLIP gives {width}-wide embeddings but this MODEL's cross-attention reads a {expected}-wide "
+            "context: connect the CLIP of the same checkpoint as the MODEL"
+        )
 
 
 def effective_kv_weights(model, device: torch.device | None = None) -> dict[str, torch.Tensor]:

@@ -15,11 +15,11 @@ Inputs are K/V weights ``{name: [d_out, d]}`` and encoded texts
 holds one ``d x d`` transform per step; every matrix of the model is
 ``W @ T`` afterwards.
 """
-from rece_ops.closed_form import EditStep, adversarial_embedding, gram, uce_step
-from rece_ops.erasure import Erasure
-from rece_ops.loop import erase
-from rece_ops.settings import I2P_CONCEPTS, PRESETS, Preset, RECESettings, preset
-from rece_ops.texts import EncodedText, count_words, preserve_prompts, split_concepts, uce_erase_rows
+from .closed_form import EditStep, adversarial_embedding, gram, uce_step
+from .erasure import Erasure
+from .loop import erase
+from .settings import I2P_CONCEPTS, PRESETS, Preset, RECESettings, preset
+from .texts import EncodedText, count_words, preserve_prompts, split_concepts, uce_erase_rows
 
 __all__ = [
     "EditStep", "EncodedText", "Erasure", "I2P_CONCEPTS", "PRESETS", "Preset", "RECESettings",

@@ -127,6 +127,54 @@ def uce_step(
     return EditStep(up=erase_scale * (t - c).T, down=down)
 
 
+def cross_gram(
+    left: Iterable[torch.Tensor] | Mapping[str, torch.Tensor],
+    right: Iterable[torch.Tensor] | Mapping[str, torch.Tensor],
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """``sum_l A_l^T B_l`` over paired matrices (float64 ``[d, d]``): with an
+    edited model's weights ``A`` and the original's ``B`` it is all the
+    adversarial solve needs when the edit is not one shared transform."""
+    lefts = list(left.values() if isinstance(left, Mapping) else left)
+    rights = list(right.values() if isinstance(right, Mapping) else right)
+    if len(lefts) != len(rights) or not lefts:
+        raise ValueError(f"cross_gram needs matching non-empty weight lists, got {len(lefts)} and {len(rights)}")
+    width = lefts[0].shape[1]
+    target = algebra_device(device or lefts[0].device)
+    total = torch.zeros(width, width, dtype=ALGEBRA_DTYPE, device=target)
+    for a, b in zip(lefts, rights):
+        if a.shape != b.shape or a.ndim != 2 or a.shape[1] != width:
+            raise ValueError(f"paired weights must have equal [d_out, {width}] shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+        total += as_algebra(a, target).T @ as_algebra(b, target)
+    return total
+
+
+def adversarial_from_grams(
+    concept_rows: torch.Tensor,
+    edited_gram: torch.Tensor,
+    edited_original_gram: torch.Tensor,
+    reg_scale: float,
+    anchor_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The closed-form adversarial embedding for any edited model.
+
+    ``c' = argmin_x sum_l |A_l x - B_l c|^2 + reg_scale*|x - a|^2
+         = solve(sum A^T A + reg_scale*I, sum A^T B c + reg_scale*a)``
+    with edited weights ``A``, original weights ``B``: ``edited_gram`` is
+    ``sum A^T A`` and ``edited_original_gram`` is ``sum A^T B``
+    (``cross_gram(A, B)``). Rows are ``[n, d]``; returns float64 ``[n, d]``.
+    """
+    device = algebra_device(edited_gram.device)
+    h = as_algebra(edited_gram, device)
+    h = 0.5 * (h + h.T) + reg_scale * torch.eye(h.shape[0], dtype=ALGEBRA_DTYPE, device=device)
+    rhs = as_algebra(edited_original_gram, device) @ as_algebra(concept_rows, device).T
+    if anchor_rows is not None:
+        if anchor_rows.shape != concept_rows.shape:
+            raise ValueError(f"anchor {tuple(anchor_rows.shape)} must match concept rows {tuple(concept_rows.shape)}")
+        rhs = rhs + reg_scale * as_algebra(anchor_rows, device).T
+    return torch.linalg.solve(h, rhs).T
+
+
 def adversarial_embedding(
     concept_rows: torch.Tensor,
     transform: torch.Tensor,
@@ -157,14 +205,5 @@ def adversarial_embedding(
     """
     device = transform.device
     t = as_algebra(transform, device)
-    g = as_algebra(gram_matrix, device)
-    c = as_algebra(concept_rows, device)
-    gt = g @ t
-    h = t.T @ gt + reg_scale * torch.eye(t.shape[0], dtype=ALGEBRA_DTYPE, device=device)
-    h = 0.5 * (h + h.T)
-    rhs = gt.T @ c.T
-    if anchor_rows is not None:
-        if anchor_rows.shape != concept_rows.shape:
-            raise ValueError(f"anchor {tuple(anchor_rows.shape)} must match concept rows {tuple(concept_rows.shape)}")
-        rhs = rhs + reg_scale * as_algebra(anchor_rows, device).T
-    return torch.linalg.solve(h, rhs).T
+    gt = as_algebra(gram_matrix, device) @ t
+    return adversarial_from_grams(concept_rows, t.T @ gt, gt.T, reg_scale, anchor_rows)

@@ -16,8 +16,8 @@ from typing import Mapping
 
 import torch
 
-from rece_ops.closed_form import ALGEBRA_DTYPE, EditStep
-from rece_ops.settings import RECESettings
+from .closed_form import ALGEBRA_DTYPE, EditStep
+from .settings import RECESettings
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from rece_ops.closed_form import adversarial_embedding, algebra_device, as_algebra, gram, uce_step
-from rece_ops.erasure import Erasure
-from rece_ops.settings import RECESettings
-from rece_ops.texts import EncodedText, uce_erase_rows
+from .closed_form import adversarial_embedding, algebra_device, as_algebra, gram, uce_step
+from .erasure import Erasure
+from .settings import RECESettings
+from .texts import EncodedText, uce_erase_rows
 
 # Called after each step as (steps_done, steps_total); may raise to cancel.
 StepCallback = Callable[[int, int], None]

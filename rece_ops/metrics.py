@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from rece_ops.closed_form import adversarial_embedding, as_algebra
-from rece_ops.erasure import Erasure
+from .closed_form import adversarial_embedding, as_algebra
+from .erasure import Erasure
 
 
 def _energy(gram_matrix: torch.Tensor, rows: torch.Tensor) -> float:

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from rece_ops.loop import erase
-from rece_ops.settings import RECESettings
-from rece_ops.texts import EncodedText, count_words
+from .loop import erase
+from .settings import RECESettings
+from .texts import EncodedText, count_words
 
 DEFAULT_TOLERANCE = 1e-5
 _EPOCH_STATE = re.compile(r"^after_epoch(\d+)$")

@@ -1,0 +1,147 @@
+"""RECE Erase Concept and UCE Erase Concept: MODEL + CLIP -> erased MODEL."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import rece_ops
+from ..rece_ops import PRESETS, RECESettings
+from ..rece_ops.gram_cache import GramCache
+
+from . import model_weights, reports, text_encoding
+from .erasure_state import ErasureRecord, remember_erasure
+from .progress import StepProgress, check_cancel
+
+CATEGORY = "RECE"
+CUSTOM = "custom"
+PRESET_CHOICES = [*PRESETS, CUSTOM]
+
+# G = sum W^T W of the weights an erasure starts from, shared by every node
+# of the pack: it depends only on those weights, not on texts or scales.
+GRAM_CACHE = GramCache()
+
+
+def _float(default: float, tooltip: str, low: float = 0.0, high: float = 100.0, step: float = 0.001) -> tuple:
+    return ("FLOAT", {"default": default, "min": low, "max": high, "step": step, "tooltip": tooltip})
+
+
+def erase_inputs(with_epochs: bool) -> dict:
+    """The inputs of both erase nodes (UCE has no epochs)."""
+    nudity = PRESETS["nudity"].settings
+    required = {
+        "model": ("MODEL", {"tooltip": "The model to erase from (SD1.x). It is not changed: the erased model is a patched copy."}),
+        "clip": ("CLIP", {"tooltip": "The text encoder of the same checkpoint; it turns the concepts into the embeddings the edit works on."}),
+        "concepts": ("STRING", {"multiline": True, "default": "nudity",
+                                "tooltip": "What to erase: one concept per line (commas also separate). All are erased together."}),
+        "guide": ("STRING", {"default": "",
+                             "tooltip": "What the concepts should turn into. Empty = the empty prompt (the paper's default); "
+                                        "the authors used 'art' for artistic styles."}),
+        "preserve": ("STRING", {"multiline": True, "default": "",
+                                "tooltip": "Concepts to keep unchanged, one per line (e.g. other artists). "
+                                           "The empty prompt is always preserved."}),
+        "preset": (PRESET_CHOICES, {"default": "nudity",
+                                    "tooltip": "The RECE authors' published settings by concept type. A preset's numbers are used "
+                                               "instead of the number inputs below; choose 'custom' to use those."}),
+    }
+    if with_epochs:
+        required["epochs"] = ("INT", {"default": nudity.epochs, "min": 0, "max": 50,
+                                      "tooltip": "RECE epochs after the UCE step: each derives the adversarial embedding that "
+                                                 "still brings the concept back and erases it too. 0 = plain UCE. (custom preset)"})
+    required.update({
+        "lamb": _float(nudity.lamb, "How strongly the weights stay close to the current ones (must be > 0). (custom preset)", 0.0001),
+        "erase_scale": _float(nudity.erase_scale, "Weight of mapping the concepts onto the guide. (custom preset)"),
+        "preserve_scale": _float(nudity.preserve_scale, "Weight of keeping the preserved concepts' outputs unchanged. (custom preset)"),
+        "reg_scale": _float(nudity.reg_scale, "Regulariser of the adversarial embedding: smaller finds stronger attacks, "
+                                              "which the epochs then erase. (custom preset)", 0.00001),
+        "strength": _float(1.0, "How much of the edit to apply: 1 = the full erasure, 0 = none.", -10.0, 10.0, 0.01),
+    })
+    return {"required": required}
+
+
+def resolve_settings(preset_name: str, with_epochs: bool, **numbers: float) -> RECESettings:
+    """The settings a node runs with: the preset's, or the number inputs."""
+    if preset_name == CUSTOM:
+        settings = RECESettings(**numbers)
+    else:
+        settings = rece_ops.preset(preset_name).settings
+    return settings if with_epochs else settings.with_changes(epochs=0)
+
+
+def erase_concepts(
+    model, clip, method: str, concepts: str, guide: str, preserve: str,
+    preset_name: str, settings: RECESettings, strength: float,
+) -> tuple[object, str]:
+    """Erase ``concepts`` from ``model``; return (patched clone, report)."""
+    names = rece_ops.split_concepts(concepts)
+    if not names:
+        raise ValueError("no concepts to erase: type at least one concept in 'concepts' (one per line)")
+    keys = model_weights.kv_keys(model)
+
+    started = time.perf_counter()
+    encoded = text_encoding.encode_texts(clip, names + [guide] + rece_ops.preserve_prompts(rece_ops.split_concepts(preserve)))
+    concept_rows, guide_rows, preserve_rows = encoded[:len(names)], encoded[len(names)], encoded[len(names) + 1:]
+    seconds = {"text": time.perf_counter() - started}
+    check_cancel()
+
+    started = time.perf_counter()
+    weights = model_weights.effective_kv_weights(model)
+    model_weights.check_text_width(encoded[0].width, weights)
+    misses = GRAM_CACHE.misses
+    gram_matrix = GRAM_CACHE.get(weights)
+    seconds["gram_cached"] = GRAM_CACHE.misses == misses
+    progress = StepProgress(settings.epochs + 2)
+    erasure = rece_ops.erase(concept_rows, [guide_rows] * len(names), preserve_rows, settings,
+                             gram_matrix=gram_matrix, callback=progress)
+    seconds["algebra"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    erased = model_weights.patched_clone(model, erasure.deltas(weights), strength)
+    remember_erasure(erased, model, ErasureRecord(method, erasure, strength, tuple(keys)))
+    seconds["patches"] = time.perf_counter() - started
+    progress(settings.epochs + 2, settings.epochs + 2)
+
+    report = reports.erase_report(
+        method, erasure, gram_matrix, concept_rows, [guide_rows] * len(names), preserve_rows,
+        preset_name=preset_name, strength=strength, n_matrices=len(keys), seconds=seconds,
+    )
+    return erased, report
+
+
+class RECEEraseConcept:
+    DESCRIPTION = (
+        "Erase concepts from a model with RECE (Gong et al., ECCV 2024): a closed-form edit of the cross-attention "
+        "key/value weights (UCE), then epochs that derive the adversarial embedding still producing the concept "
+        "and erase that too. Outputs a patched copy of the model and a report; the input model is untouched."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "report")
+    OUTPUT_TOOLTIPS = ("The erased model (the input with the edit added as patches).",
+                       "What was erased, the edit's rank, how much an adversarial embedding still recovers, and timings.")
+    FUNCTION = "erase"
+    METHOD = "RECE"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return erase_inputs(with_epochs=True)
+
+    def erase(self, model, clip, concepts, guide, preserve, preset, lamb, erase_scale, preserve_scale,
+              reg_scale, strength, epochs=0):
+        settings = resolve_settings(preset, self.METHOD == "RECE", lamb=lamb, erase_scale=erase_scale,
+                                    preserve_scale=preserve_scale, reg_scale=reg_scale, epochs=epochs)
+        with torch.inference_mode():
+            erased, report = erase_concepts(model, clip, self.METHOD, concepts, guide, preserve, preset, settings, strength)
+        return {"ui": {"text": (report,)}, "result": (erased, report)}
+
+
+class UCEEraseConcept(RECEEraseConcept):
+    DESCRIPTION = (
+        "Erase concepts with UCE (Gandikota et al., WACV 2024): the closed-form key/value edit alone, the baseline "
+        "RECE improves on. Use it beside RECE Erase Concept to compare them, e.g. under Derive Adversarial Embedding."
+    )
+    METHOD = "UCE"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return erase_inputs(with_epochs=False)

@@ -1,0 +1,70 @@
+"""The short text reports the nodes output, in words a user reads."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from ..rece_ops import EncodedText, Erasure, RECESettings, metrics, uce_erase_rows
+
+
+def _quoted(texts: Sequence[str]) -> str:
+    return ", ".join("the empty prompt" if not t.strip() else repr(t) for t in texts)
+
+
+def erase_report(
+    method: str,
+    erasure: Erasure,
+    gram_matrix: torch.Tensor,
+    concepts: Sequence[EncodedText],
+    guides: Sequence[EncodedText],
+    preserves: Sequence[EncodedText],
+    *,
+    preset_name: str,
+    strength: float,
+    n_matrices: int,
+    seconds: Mapping[str, float],
+) -> str:
+    settings: RECESettings = erasure.settings
+    pairs = [uce_erase_rows(c, g) for c, g in zip(concepts, guides)]
+    erase_rows = torch.cat([c for c, _ in pairs])
+    target_rows = torch.cat([t for _, t in pairs])
+    remaining = metrics.remaining_distance(gram_matrix, erasure, erase_rows, target_rows)
+    drift = metrics.preserve_drift(gram_matrix, erasure, torch.cat([p.rows for p in preserves]))
+    recovery = max(
+        metrics.adversarial_recovery(gram_matrix, erasure, c.rows, g.rows, settings.reg_scale)
+        for c, g in zip(concepts, guides)
+    )
+    source = "published preset " + preset_name if preset_name != "custom" else "custom numbers"
+    steps = len(erasure.steps)
+    lines = [
+        f"{method} erased {_quoted([c.text for c in concepts])} -> {_quoted([guides[0].text])}; "
+        f"preserved {_quoted([p.text for p in preserves])}",
+        f"settings ({source}): lamb {settings.lamb}, erase_scale {settings.erase_scale}, "
+        f"preserve_scale {settings.preserve_scale}, reg_scale {settings.reg_scale}, epochs {settings.epochs}; "
+        f"strength {strength}",
+        f"edit: {'UCE step only' if steps == 1 else f'UCE step + {steps - 1} RECE epoch' + ('s' if steps > 2 else '')} on "
+        f"{n_matrices} K/V matrices, rank {erasure.rank()} of {erasure.width}; "
+        f"weights changed {100 * metrics.weight_change(gram_matrix, erasure):.2f}%",
+        f"erased rows: distance left to the guide's outputs {remaining:.4f} (0 = mapped onto the guide, 1 = untouched); "
+        f"preserved rows moved {100 * drift:.3f}%",
+        f"red team: the best adversarial embedding (reg_scale {settings.reg_scale}) still recovers "
+        f"{100 * recovery:.1f}% of the concept's original outputs (0% = no closer than the guide)",
+        f"time: text encoding {seconds['text']:.2f} s, algebra {seconds['algebra']:.3f} s"
+        f"{' (G reused)' if seconds.get('gram_cached') else ''}, patches {seconds['patches']:.3f} s",
+    ]
+    return "\n".join(lines)
+
+
+def adversarial_report(
+    concept: str,
+    reg_scale: float,
+    reach_adversarial: float,
+    reach_plain: float,
+    original_source: str,
+) -> str:
+    return "\n".join([
+        f"adversarial embedding of {concept!r} (reg_scale {reg_scale}) against {original_source}",
+        f"the erased model's outputs for it miss the original outputs of {concept!r} by "
+        f"{100 * reach_adversarial:.1f}% (the plain prompt misses by {100 * reach_plain:.1f}%; 0% = fully restored)",
+    ])
