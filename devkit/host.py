@@ -201,7 +201,13 @@ def pack_module(submodule: str = "") -> ModuleType:
 
     load_in_process()
     init_file = (paths.REPO_ROOT / "__init__.py").resolve()
-    for module in list(sys.modules.values()):
-        if Path(getattr(module, "__file__", None) or "/nonexistent").resolve() == init_file:
-            return importlib.import_module(f"{module.__name__}.{submodule}") if submodule else module
+    # pytest may import the repo root as a package too; ComfyUI's copy is the
+    # one named after its custom_nodes path.
+    candidates = sorted(
+        (name for name, module in list(sys.modules.items())
+         if Path(getattr(module, "__file__", None) or "/nonexistent").resolve() == init_file),
+        key=lambda name: "custom_nodes" not in name,
+    )
+    if candidates:
+        return importlib.import_module(f"{candidates[0]}.{submodule}") if submodule else sys.modules[candidates[0]]
     raise RuntimeError("ComfyUI did not load this pack: is it linked into custom_nodes/? Run scripts/setup.sh")

@@ -8,6 +8,10 @@ import torch
 
 from devkit import host, paths
 
+# The repo root is the pack, a package whose __init__ imports comfy; pytest
+# imports it while collecting, so comfy must be importable first.
+host.prepare_comfy_imports()
+
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
