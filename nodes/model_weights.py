@@ -25,7 +25,8 @@ def kv_keys(model) -> list[str]:
         raise ValueError("no MODEL connected: connect the MODEL output of a checkpoint loader")
     keys = [k for k in model.model_state_dict(DIFFUSION_PREFIX) if k.endswith(KV_SUFFIXES)]
     if not keys:
-        family = type(getattr(model.model, "model_config", model.model)).__name__
+        inner = getattr(model, "model", model)
+        family = type(getattr(inner, "model_config", inner)).__name__
         raise ValueError(
             f"this MODEL ({family}) has no cross-attention key/value projections that read the text "
             "(attn2.to_k / attn2.to_v): RECE edits UNet models with cross-attention; supported: SD1.x "
