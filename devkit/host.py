@@ -142,14 +142,20 @@ class Server:
 
 
 @contextlib.contextmanager
-def server(workdir: Path, startup_timeout: float = 120) -> Iterator[Server]:
+def server(
+    workdir: Path,
+    startup_timeout: float = 120,
+    output_dir: Path | None = None,
+    extra_model_paths: Path | None = None,
+) -> Iterator[Server]:
     """Start ComfyUI's ``main.py`` on a free 127.0.0.1 port; stop it on exit.
 
-    Output, temp and user folders live under ``workdir`` so parallel test
-    workers never share state.
+    Temp and user folders live under ``workdir`` (and the output folder,
+    unless ``output_dir`` is given) so parallel test workers never share
+    state. ``extra_model_paths`` replaces the project's model-paths file.
     """
     comfy = require_host()
-    output_dir = workdir / "output"
+    output_dir = output_dir or workdir / "output"
     for folder in (output_dir, workdir / "temp", workdir / "user"):
         folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -163,8 +169,9 @@ def server(workdir: Path, startup_timeout: float = 120) -> Iterator[Server]:
 
     if not torch.cuda.is_available():
         command.append("--cpu")
-    if paths.EXTRA_PATHS_FILE.exists():
-        command += ["--extra-model-paths-config", str(paths.EXTRA_PATHS_FILE)]
+    extra_model_paths = extra_model_paths or paths.EXTRA_PATHS_FILE
+    if extra_model_paths.exists():
+        command += ["--extra-model-paths-config", str(extra_model_paths)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(command, cwd=comfy, stdout=log_file, stderr=subprocess.STDOUT, env=env)

@@ -76,10 +76,16 @@ def erase_concepts(
     names = rece_ops.split_concepts(concepts)
     if not names:
         raise ValueError("no concepts to erase: type at least one concept in 'concepts' (one per line)")
+    kept = rece_ops.split_concepts(preserve)
+    for name in names:
+        if name.casefold() == guide.strip().casefold():
+            raise ValueError(f"the guide {guide!r} is also a concept to erase: choose a guide the concept should become")
+        if name.casefold() in (k.casefold() for k in kept):
+            raise ValueError(f"{name!r} is both erased and preserved: remove it from one of the two lists")
     keys = model_weights.kv_keys(model)
 
     started = time.perf_counter()
-    encoded = text_encoding.encode_texts(clip, names + [guide] + rece_ops.preserve_prompts(rece_ops.split_concepts(preserve)))
+    encoded = text_encoding.encode_texts(clip, names + [guide] + rece_ops.preserve_prompts(kept))
     concept_rows, guide_rows, preserve_rows = encoded[:len(names)], encoded[len(names)], encoded[len(names) + 1:]
     seconds = {"text": time.perf_counter() - started}
     check_cancel()

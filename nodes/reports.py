@@ -42,7 +42,7 @@ def erase_report(
         f"preserved {_quoted([p.text for p in preserves])}",
         f"settings ({source}): lamb {settings.lamb}, erase_scale {settings.erase_scale}, "
         f"preserve_scale {settings.preserve_scale}, reg_scale {settings.reg_scale}, epochs {settings.epochs}; "
-        f"strength {strength}",
+        f"strength {strength}" + ("" if strength == 1 else " (the figures below are for the full edit, strength 1)"),
         f"edit: {'UCE step only' if steps == 1 else f'UCE step + {steps - 1} RECE epoch' + ('s' if steps > 2 else '')} on "
         f"{n_matrices} K/V matrices, rank {erasure.rank()} of {erasure.width}; "
         f"weights changed {100 * metrics.weight_change(gram_matrix, erasure):.2f}%",

@@ -1,149 +1,309 @@
-"""The main job: erase concepts from a checkpoint through ComfyUI and save it.
+"""The main job: erase concepts from a checkpoint by running the pack's example workflow on a ComfyUI server.
 
     .venv/bin/python scripts/erase_checkpoint.py [CHECKPOINT.safetensors]
-        [--concepts "nudity"] [--preset nudity] [--guide ""] [--preserve "..."]
+        [--concepts "nudity"] [--preset nudity] [--guide ""] [--preserve "..."] [--epochs N]
+        [--prompt "..."] [--seed N] [--size PX] [--steps N]
+        [--output-prefix checkpoints/rece_nudity] [--output-dir DIR] [--no-save]
 
-Loads the checkpoint with ComfyUI's own CheckpointLoaderSimple (default: the
-slim random-weight SD1.5 demo checkpoint that scripts/setup.sh builds), reads
-the effective cross-attention K/V weights, encodes the texts with the
-checkpoint's CLIP, runs RECE, adds the edit as patches on a clone of the
-MODEL, prints what changed and how long each part took, and saves the erased
-checkpoint with ComfyUI's CheckpointSave into ComfyUI's output folder.
+Starts ComfyUI's own server (main.py, 127.0.0.1, a free port) with this pack,
+loads ``example_workflows/rece_erase_compare_same_seed.json`` (the file the
+web page opens), converts it to the API format, and runs it through
+``POST /prompt``: the checkpoint is loaded with CheckpointLoaderSimple, the
+concepts are erased by the "RECE Erase Concept" node, two KSamplers draw the
+same prompt with the same seed from the original and the erased model, and
+the two images are saved side by side (left original, right erased). A
+CheckpointSave node added to the graph saves the erased checkpoint.
+
+Prints the node's report, where the image and the checkpoint are, and timings.
+Output goes to ``<repo>/output/`` (or --output-dir), counter-numbered by
+ComfyUI: running again never overwrites anything.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import re
+import shutil
 import sys
+import tempfile
 import time
+import urllib.error
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from devkit import host, paths  # noqa: E402
+from devkit import host, paths, workflows  # noqa: E402
+
+WORKFLOW = paths.REPO_ROOT / "example_workflows" / "rece_erase_compare_same_seed.json"
+DEFAULT_OUTPUT_DIR = paths.REPO_ROOT / "output"
+PROMPT_TITLE = "Prompt (both samplers)"
+# A user's checkpoint is linked under this subfolder of a per-run model folder,
+# so its name can never collide with a file in ComfyUI's own folders.
+LINK_SUBFOLDER = "rece-main-job"
+
+
+class UsageError(Exception):
+    """Bad input from the command line: printed as one 'error: ...' line, exit 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: the same one-line form as ours
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from rece_ops import PRESETS
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", nargs="?", type=Path,
                         help=f"SD1.x .safetensors checkpoint (default: the demo checkpoint {paths.SLIM_SD15_NAME})")
-    parser.add_argument("--concepts", default="nudity", help="concepts to erase, one per line or comma-separated")
-    parser.add_argument("--preset", default="nudity", choices=sorted(PRESETS), help="published settings to use")
+    parser.add_argument("--concepts", default="nudity", help="concepts to erase, one per line or comma-separated (default: nudity)")
+    parser.add_argument("--preset", default="nudity", choices=sorted(PRESETS), help="the authors' published settings (default: nudity)")
     parser.add_argument("--guide", default=None, help="what the concepts become (default: the preset's guide)")
-    parser.add_argument("--preserve", default="", help="concepts to preserve, comma-separated")
-    parser.add_argument("--epochs", type=int, default=None, help="override the preset's RECE epochs (0 = UCE)")
-    parser.add_argument("--output-prefix", default=None, help="CheckpointSave prefix (default checkpoints/rece_<concept>)")
-    parser.add_argument("--output-dir", type=Path, default=None, help="ComfyUI output folder (default: ComfyUI's own)")
-    parser.add_argument("--no-save", action="store_true", help="erase and report, but do not write a checkpoint")
+    parser.add_argument("--preserve", default="", help="concepts to preserve, comma-separated (default: none; the empty prompt always is)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="RECE epochs instead of the preset's (0 = plain UCE); the preset's other numbers are kept")
+    parser.add_argument("--prompt", default=None, help="prompt of both samplers (default: the concepts themselves)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of both samplers (default: the workflow's)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="image width and height (default: 64 for the demo checkpoint, 256 for others on CPU, "
+                             "the workflow's 512 on a GPU)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps (default: 4 for the demo checkpoint, 12 for others on CPU, the workflow's on a GPU)")
+    parser.add_argument("--output-prefix", default=None,
+                        help="CheckpointSave prefix (default checkpoints/rece_<concept>)")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help=f"ComfyUI output folder (default: {DEFAULT_OUTPUT_DIR})")
+    parser.add_argument("--no-save", action="store_true", help="run the comparison but do not save a checkpoint")
     return parser.parse_args(argv)
 
 
-def resolve_checkpoint(path: Path | None) -> str:
-    """Register the checkpoint's folder with ComfyUI and return its name there."""
-    import folder_paths
-
+def check_checkpoint(path: Path | None) -> Path:
+    """The checkpoint file to use, after reading its header (a clear message beats a loader error)."""
     if path is None:
         path = paths.CHECKPOINT_DIR / paths.SLIM_SD15_NAME
         if not path.exists():
-            raise SystemExit(f"the demo checkpoint {path} is missing: run scripts/setup.sh")
-    path = path.resolve()
+            raise UsageError(f"the demo checkpoint {path} is missing: run scripts/setup.sh")
+    path = path.expanduser().resolve()
     if not path.is_file():
-        raise SystemExit(f"no checkpoint file at {path}")
-    # Read only the header: a clear message beats a deserialisation error deep in the loader.
+        raise UsageError(f"no checkpoint file at {path}")
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             handle.keys()
     except (SafetensorError, OSError) as error:
-        raise SystemExit(f"{path} is not a .safetensors checkpoint ({error}); give an SD1.x .safetensors file")
-    folder_paths.add_model_folder_path("checkpoints", str(path.parent))
-    return path.name
+        raise UsageError(f"{path} is not a .safetensors checkpoint ({error}); give an SD1.x .safetensors file")
+    return path
+
+
+def node_settings(args: argparse.Namespace, concepts: list[str]) -> dict:
+    """The RECE Erase Concept inputs the flags ask for."""
+    import rece_ops
+
+    chosen = rece_ops.preset(args.preset)
+    values = {"concepts": "\n".join(concepts), "guide": chosen.guide if args.guide is None else args.guide,
+              "preserve": "\n".join(rece_ops.split_concepts(args.preserve)), "preset": args.preset}
+    settings = chosen.settings
+    if args.epochs is not None:
+        # A preset's numbers override the node's number inputs: other epochs need "custom".
+        settings = settings.with_changes(epochs=args.epochs)
+        values["preset"] = "custom"
+    values.update(epochs=settings.epochs, lamb=settings.lamb, erase_scale=settings.erase_scale,
+                  preserve_scale=settings.preserve_scale, reg_scale=settings.reg_scale, strength=1.0)
+    return values
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def default_prefix(concepts: list[str]) -> str:
+    name = "_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", c).strip("-.") for c in concepts)[:60] or "concept"
+    return f"checkpoints/rece_{name}"
+
+
+def validate(args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """Everything that can be checked before the server starts."""
+    import rece_ops
+
+    concepts = rece_ops.split_concepts(args.concepts)
+    if not concepts:
+        raise UsageError("no concepts given: pass --concepts 'name'")
+    if args.epochs is not None and args.epochs < 0:
+        raise UsageError(f"--epochs must be 0 or more, got {args.epochs}")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise UsageError(f"--seed must be between 0 and 2^64 - 1, got {args.seed}")
+    if args.size is not None and (args.size < 16 or args.size % 8):
+        raise UsageError(f"--size must be a multiple of 8, at least 16, got {args.size}")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    if args.output_prefix is not None and (args.output_prefix.startswith("/") or ".." in Path(args.output_prefix).parts):
+        raise UsageError(f"--output-prefix must stay inside the output folder, got {args.output_prefix!r}")
+    return check_checkpoint(args.checkpoint), concepts
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    args = parse_args(argv)
     try:
-        return erase_and_save(parse_args(argv))
-    except ValueError as error:
-        # rece_ops and the glue raise ValueError for bad input, with the reason.
+        checkpoint, concepts = validate(args)
+        return run(args, checkpoint, concepts, started)
+    except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
 
-def erase_and_save(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
-    nodes = host.load_in_process(output_dir=args.output_dir, quiet=True)
+def graph_for(args: argparse.Namespace, object_info: dict, ckpt_name: str, concepts: list[str],
+              demo: bool, on_cpu: bool) -> tuple[dict, dict]:
+    """The example workflow in API format with the flags applied, and what was chosen."""
+    graph = workflows.to_api(workflows.load_workflow(WORKFLOW), object_info)
+    graph = workflows.with_checkpoint(graph, ckpt_name)
+    graph = workflows.with_inputs(graph, class_type="RECEEraseConcept", **node_settings(args, concepts))
+    for node_id in workflows.api_nodes(graph, "RECEEraseConcept"):
+        graph[node_id]["_meta"]["title"] = f"RECE Erase Concept: {shorten(', '.join(concepts))}"
+    prompt = args.prompt if args.prompt is not None else ", ".join(concepts)
+    graph = workflows.with_inputs(graph, title=PROMPT_TITLE, text=prompt)
+    sampler = workflows.api_nodes(graph, "KSampler")[0]
+    seed = args.seed if args.seed is not None else graph[sampler]["inputs"]["seed"]
+    (latent,) = workflows.api_nodes(graph, "EmptyLatentImage")
+    size = args.size or (64 if demo else 256 if on_cpu else graph[latent]["inputs"]["width"])
+    steps = args.steps or (4 if demo else 12 if on_cpu else graph[sampler]["inputs"]["steps"])
+    graph = workflows.with_inputs(graph, class_type="KSampler", seed=seed, steps=steps)
+    graph = workflows.with_inputs(graph, class_type="EmptyLatentImage", width=size, height=size)
+    chosen = {"prompt": prompt, "seed": seed, "size": size, "steps": steps}
+    if not args.no_save:
+        (loader,) = workflows.api_nodes(graph, "CheckpointLoaderSimple")
+        (eraser,) = workflows.api_nodes(graph, "RECEEraseConcept")
+        prefix = args.output_prefix or default_prefix(concepts)
+        graph[str(max(int(i) for i in graph) + 1)] = {
+            "class_type": "CheckpointSave",
+            "inputs": {"model": [eraser, 0], "clip": [loader, 1], "vae": [loader, 2], "filename_prefix": prefix},
+            "_meta": {"title": "Save erased checkpoint"},
+        }
+        chosen["prefix"] = prefix
+    return graph, chosen
+
+
+def model_paths_yaml(workdir: Path, checkpoint: Path) -> tuple[Path, str]:
+    """A per-run extra_model_paths file that also shows ``checkpoint`` to the server (through a
+    symbolic link, never a copy); returns it and the checkpoint's name for CheckpointLoaderSimple."""
+    folder = workdir / "models" / "checkpoints"
+    (folder / LINK_SUBFOLDER).mkdir(parents=True)
+    (folder / LINK_SUBFOLDER / checkpoint.name).symlink_to(checkpoint)
+    config = paths.EXTRA_PATHS_FILE.read_text() if paths.EXTRA_PATHS_FILE.exists() else ""
+    config += f"\nrece_main_job_run:\n    checkpoints: {json.dumps(str(folder))}\n"
+    yaml_path = workdir / "extra_model_paths.yaml"
+    yaml_path.write_text(config)
+    return yaml_path, f"{LINK_SUBFOLDER}/{checkpoint.name}"
+
+
+def execution_error(entry: dict, graph: dict) -> tuple[str, str] | None:
+    """(exception type, 'node title: message') of a failed prompt, from its history entry."""
+    for kind, data in entry.get("status", {}).get("messages", []):
+        if kind == "execution_error":
+            title = graph.get(str(data.get("node_id")), {}).get("_meta", {}).get("title") or data.get("node_type", "a node")
+            message = " ".join(str(data.get("exception_message", "")).split())
+            return data.get("exception_type", ""), f"{title}: {message}"
+    return None
+
+
+def refused(error: urllib.error.HTTPError, graph: dict) -> str:
+    """POST /prompt's validation errors as one line."""
+    try:
+        body = json.loads(error.read())
+    except ValueError:
+        return f"HTTP {error.code}"
+    parts = [body.get("error", {}).get("message", "")]
+    for node_id, node_error in (body.get("node_errors") or {}).items():
+        title = graph.get(node_id, {}).get("_meta", {}).get("title", node_id)
+        for item in node_error.get("errors", []):
+            parts.append(f"{title}: {item.get('message', '')} ({item.get('details', '')})")
+    return "; ".join(p for p in parts if p)
+
+
+def run(args: argparse.Namespace, checkpoint: Path, concepts: list[str], started: float) -> int:
     import torch
 
-    import rece_ops
-    from rece_ops import metrics
-
-    glue_weights = host.pack_module("nodes.model_weights")
-    glue_text = host.pack_module("nodes.text_encoding")
-    name = resolve_checkpoint(args.checkpoint)
-    chosen = rece_ops.preset(args.preset)
-    settings = chosen.settings if args.epochs is None else chosen.settings.with_changes(epochs=args.epochs)
-    concepts = rece_ops.split_concepts(args.concepts)
-    if not concepts:
-        raise SystemExit("no concepts given: pass --concepts 'name'")
-    guide = chosen.guide if args.guide is None else args.guide
-    preserve_texts = rece_ops.preserve_prompts(rece_ops.split_concepts(args.preserve))
-
-    with torch.inference_mode():
+    on_cpu = not torch.cuda.is_available()
+    demo = args.checkpoint is None
+    output_dir = (args.output_dir or DEFAULT_OUTPUT_DIR).expanduser().resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="rece-main-job-"))
+    try:
+        ckpt_name, extra_model_paths = paths.SLIM_SD15_NAME, None
+        if not demo:
+            extra_model_paths, ckpt_name = model_paths_yaml(workdir, checkpoint)
         t0 = time.perf_counter()
-        model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(name)[:3]
-        t_load = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        weights = glue_weights.effective_kv_weights(model)
-        t_read = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        encoded_concepts = glue_text.encode_texts(clip, concepts)
-        encoded_guides = glue_text.encode_texts(clip, [guide] * len(concepts))
-        encoded_preserves = glue_text.encode_texts(clip, preserve_texts)
-        t_text = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        gram_matrix = rece_ops.gram(weights)
-        erasure = rece_ops.erase(encoded_concepts, encoded_guides, encoded_preserves, settings, gram_matrix=gram_matrix)
-        t_algebra = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        erased = glue_weights.patched_clone(model, erasure.deltas(weights))
-        t_patch = time.perf_counter() - t0
-
-        pairs = [rece_ops.uce_erase_rows(c, g) for c, g in zip(encoded_concepts, encoded_guides)]
-        erase_rows = torch.cat([c for c, _ in pairs])
-        target_rows = torch.cat([g for _, g in pairs])
-        family = type(model.model.model_config).__name__
-        print(f"checkpoint      {name} ({family}, {len(weights)} K/V matrices, context width {erasure.width})")
-        print(f"erased          {', '.join(repr(c) for c in concepts)} -> guide {guide!r}; "
-              f"preserved {', '.join(repr(p) for p in preserve_texts)}")
-        print(f"settings        preset {args.preset}: lamb {settings.lamb}, erase_scale {settings.erase_scale}, "
-              f"preserve_scale {settings.preserve_scale}, reg_scale {settings.reg_scale}, epochs {settings.epochs}")
-        print(f"edit            {len(erasure.steps)} step{'s' if len(erasure.steps) != 1 else ''}, rank {erasure.rank()} of {erasure.width}; "
-              f"K/V weights changed by {100 * metrics.weight_change(gram_matrix, erasure):.2f}% (Frobenius)")
-        print(f"concept rows    remaining distance to the guide's outputs: "
-              f"{metrics.remaining_distance(gram_matrix, erasure, erase_rows, target_rows):.4f} (1 = untouched)")
-        print(f"preserved rows  output drift {metrics.preserve_drift(gram_matrix, erasure, torch.cat([p.rows for p in encoded_preserves])):.2e}")
-        recovery = [metrics.adversarial_recovery(gram_matrix, erasure, c.rows, g.rows, settings.reg_scale)
-                    for c, g in zip(encoded_concepts, encoded_guides)]
-        print(f"red team        best adversarial embedding recovers {100 * max(recovery):.1f}% of the concept's outputs")
-        print(f"time            load {t_load:.2f} s, read weights {t_read:.2f} s, text encoding {t_text:.2f} s, "
-              f"algebra {t_algebra:.3f} s, patches {t_patch:.3f} s")
-
-        if not args.no_save:
+        with contextlib.ExitStack() as stack:
+            try:
+                server = stack.enter_context(
+                    host.server(workdir, output_dir=output_dir, extra_model_paths=extra_model_paths))
+            except (RuntimeError, TimeoutError) as error:
+                print(error, file=sys.stderr)  # it ends with the server log's last lines
+                print("error: the ComfyUI server did not start (its log is above)", file=sys.stderr)
+                return 1
+            t_start = time.perf_counter() - t0
+            object_info = server.get("/object_info", timeout=120)
+            missing = workflows.missing_node_types(workflows.load_workflow(WORKFLOW), object_info)
+            if missing:
+                # The log goes with the per-run folder: show its end.
+                print("\n".join(server.log().splitlines()[-40:]), file=sys.stderr)
+                print(f"error: ComfyUI has no {', '.join(missing)} node: the pack did not load "
+                      "(the server log's end is above)", file=sys.stderr)
+                return 1
+            graph, chosen = graph_for(args, object_info, ckpt_name, concepts, demo, on_cpu)
+            print(f"checkpoint      {checkpoint}" + (" (demo checkpoint: random weights)" if demo else ""))
+            print(f"workflow        {WORKFLOW.relative_to(paths.REPO_ROOT)}: {chosen['size']}x{chosen['size']}, "
+                  f"{chosen['steps']} steps, seed {chosen['seed']}, prompt {shorten(chosen['prompt'])!r}"
+                  f"{' (CPU)' if on_cpu else ''}")
+            before = set(output_dir.rglob("*.safetensors"))
             t0 = time.perf_counter()
-            prefix = args.output_prefix or "checkpoints/rece_" + "_".join(c.replace(" ", "-") for c in concepts)[:60]
-            import folder_paths
+            try:
+                entry = server.run_prompt(graph, timeout=6 * 3600)
+            except urllib.error.HTTPError as error:
+                print(f"error: ComfyUI refused the workflow: {refused(error, graph)}", file=sys.stderr)
+                return 2
+            t_run = time.perf_counter() - t0
+            failure = execution_error(entry, graph)
+            if failure or entry.get("status", {}).get("status_str") != "success":
+                kind, message = failure or ("", f"status {entry.get('status')}")
+                print(f"error: {message}", file=sys.stderr)
+                # The nodes raise ValueError for bad input (e.g. a concept longer than 75 tokens).
+                return 2 if kind == "ValueError" else 1
+            return report(entry, graph, chosen, output_dir, before, t_start, t_run, started)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
-            before = set(Path(folder_paths.get_output_directory()).rglob("*.safetensors"))
-            nodes.NODE_CLASS_MAPPINGS["CheckpointSave"]().save(erased, clip, vae, filename_prefix=prefix)
-            written = sorted(set(Path(folder_paths.get_output_directory()).rglob("*.safetensors")) - before)
-            print(f"saved           {', '.join(str(p) for p in written)} ({time.perf_counter() - t0:.1f} s)")
-    print(f"done in {time.perf_counter() - started:.1f} s")
+
+def report(entry: dict, graph: dict, chosen: dict, output_dir: Path, before: set[Path],
+           t_start: float, t_run: float, started: float) -> int:
+    outputs = entry.get("outputs", {})
+    (eraser,) = workflows.api_nodes(graph, "RECEEraseConcept")
+    previews = [i for i in workflows.api_nodes(graph, "PreviewAny") if graph[i]["inputs"].get("source") == [eraser, 1]]
+    texts = [t for i in previews for t in outputs.get(i, {}).get("text", [])]
+    print(f"--- {graph[eraser]['_meta']['title']} ---")
+    print("\n".join(texts) if texts else "(no report came back)")
+    print("---")
+    for node_id in workflows.api_nodes(graph, "SaveImage"):
+        for image in outputs.get(node_id, {}).get("images", []):
+            path = output_dir / image.get("subfolder", "") / image["filename"]
+            print(f"comparison      {path} (left: original model, right: erased; same seed {chosen['seed']})")
+    if "prefix" in chosen:
+        stem = Path(chosen["prefix"]).name
+        written = sorted(p for p in set(output_dir.rglob("*.safetensors")) - before if p.name.startswith(stem))
+        for path in written:
+            print(f"saved           {path} ({path.stat().st_size / 2**20:.0f} MiB)")
+        if not written:
+            print(f"error: CheckpointSave reported success but no {chosen['prefix']}_*.safetensors appeared in {output_dir}",
+                  file=sys.stderr)
+            return 1
+    print(f"time            ComfyUI start {t_start:.1f} s, workflow {t_run:.1f} s "
+          f"(load, erase, sample twice, decode{', save checkpoint' if 'prefix' in chosen else ''}), "
+          f"total {time.perf_counter() - started:.1f} s")
     return 0
 
 

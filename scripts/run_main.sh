@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The main job, set-up included (safe to run again): erase a concept from a
-# checkpoint through ComfyUI and save the erased checkpoint.
-#   scripts/run_main.sh [CHECKPOINT.safetensors] [--concepts "..."] [--preset nudity] ...
-# Without a checkpoint it uses the built-in demo checkpoint.
+# The main job, set-up included (safe to run again): run the example workflow
+# example_workflows/rece_erase_compare_same_seed.json on a ComfyUI server to
+# erase a concept from a checkpoint, compare original and erased with the same
+# seed, and save the erased checkpoint (to output/, counter-numbered: never
+# overwrites).
+#   scripts/run_main.sh [CHECKPOINT.safetensors] [--concepts "..."] [--preset nudity] [--prompt "..."] [--seed N] ...
+# Without a checkpoint it uses the built-in demo checkpoint. --help lists the options.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

@@ -52,10 +52,18 @@ def glue(comfy_nodes):
     return Glue
 
 
+def stored_weights(model, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The MODEL's own weights, without its patches. Read through
+    ``get_key_patches``, because while a patched clone is loaded for sampling
+    ComfyUI writes the patched values into the shared tensors (keeping a
+    backup), and ``model_state_dict()`` then shows those."""
+    return {key: entries[0][0] for key, entries in model.get_key_patches(prefix).items()}
+
+
 def _fingerprint(model) -> str:
     """SHA-256 over every stored tensor of a MODEL and its patch list."""
     digest = hashlib.sha256()
-    for key, value in sorted(model.model_state_dict().items()):
+    for key, value in sorted(stored_weights(model).items()):
         digest.update(key.encode())
         digest.update(value.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     digest.update(repr(sorted((k, len(v)) for k, v in model.patches.items())).encode())

@@ -10,6 +10,7 @@ import torch
 
 import rece_ops
 from devkit import host, paths
+from conftest import stored_weights
 from rece_ops.parity import relative_error
 
 
@@ -50,7 +51,7 @@ def test_kv_keys_are_every_cross_attention_key_and_value(slim_sd15, glue):
 
 def test_effective_weights_without_patches_are_the_stored_weights(slim_sd15, glue):
     model = slim_sd15[0]
-    state = model.model_state_dict("diffusion_model.")
+    state = stored_weights(model, "diffusion_model.")
     weights = glue.weights.effective_kv_weights(model)
     for key, weight in weights.items():
         assert weight.dtype == torch.float32
@@ -60,7 +61,7 @@ def test_effective_weights_without_patches_are_the_stored_weights(slim_sd15, glu
 def test_effective_weights_include_patches_added_upstream(slim_sd15, glue):
     model = slim_sd15[0]
     key = glue.weights.kv_keys(model)[0]
-    base = model.model_state_dict("diffusion_model.")[key].float()
+    base = stored_weights(model, "diffusion_model.")[key].float()
     delta = torch.randn(base.shape, generator=torch.Generator().manual_seed(3)) * 0.01
     upstream = model.clone()
     upstream.add_patches({key: (delta,)}, 0.5)

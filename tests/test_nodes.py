@@ -142,7 +142,7 @@ def test_strength_scales_the_edit(pack, glue, slim_sd15):
     erasure = expected_erasure(glue, weights, clip, ["nudity"])
     expected = {k: w + 0.5 * erasure.delta(w) for k, w in weights.items()}
     assert worst_error(glue.weights.effective_kv_weights(half), expected) < 1e-6
-    assert "strength 0.5" in report
+    assert "strength 0.5 (the figures below are for the full edit" in report
 
 
 def test_erase_node_leaves_the_input_model_bit_identical(pack, comfy_nodes, slim_sd15, model_fingerprint):
@@ -305,6 +305,9 @@ REFUSALS = {
     "NaN weights": (lambda glue, m, c: (nan_model(glue, m), c, {}), "NaN or infinite"),
     "NaN embedding": (lambda glue, m, c: (m, WidenedClip(c, nan=True), {}), "NaN or infinite"),
     "lamb zero": (lambda glue, m, c: (m, c, {"preset": "custom", "lamb": 0.0}), "lamb must be > 0"),
+    "guide is a concept": (lambda glue, m, c: (m, c, {"concepts": "nudity", "guide": "Nudity"}), "guide 'Nudity' is also a concept"),
+    "erased and preserved": (lambda glue, m, c: (m, c, {"concepts": "nudity\nblood", "preserve": "blood"}),
+                             "'blood' is both erased and preserved"),
     "long concept": (lambda glue, m, c: (m, c, {"concepts": "word " * 100}), "longer than one 75-token chunk"),
 }
 

@@ -1,0 +1,184 @@
+"""Write the pack's example workflows (UI format) into example_workflows/.
+
+    .venv/bin/python -m devkit.example_workflows
+
+Starts the provisioned ComfyUI server once for its /object_info (input order,
+widget counts, types), builds each workflow, checks it (schema, links,
+widgets, overlapping nodes) and writes it. The shipped files are this
+script's output; edit here, not in the JSON.
+"""
+import json
+import tempfile
+from pathlib import Path
+
+from devkit import host, paths
+from devkit.workflows import WorkflowBuilder, link_type_errors, overlapping_nodes, structure_errors, widget_count_errors
+
+INFO: dict = {}
+OUT = paths.REPO_ROOT / "example_workflows"
+CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
+NOTE_COLOR = {"color": "#432", "bgcolor": "#653"}
+ERASED_COLOR = {"color": "#322", "bgcolor": "#533"}      # the erased model's path
+ORIGINAL_COLOR = {"color": "#223", "bgcolor": "#335"}    # the original model's path
+KSAMPLER = dict(steps=25, cfg=7.5, sampler="euler", scheduler="normal")
+SEED = 1234
+
+
+def ksampler_widgets(seed=SEED):
+    return [seed, "fixed", KSAMPLER["steps"], KSAMPLER["cfg"], KSAMPLER["sampler"], KSAMPLER["scheduler"], 1.0]
+
+
+def erase_widgets(concepts, guide, preserve, preset, epochs, lamb, erase_scale, preserve_scale, reg_scale, strength=1.0,
+                  with_epochs=True):
+    values = [concepts, guide, preserve, preset]
+    if with_epochs:
+        values.append(epochs)
+    return values + [lamb, erase_scale, preserve_scale, reg_scale, strength]
+
+
+def check(name, workflow):
+    problems = (structure_errors(workflow) + link_type_errors(workflow, INFO)
+                + widget_count_errors(workflow, INFO) + overlapping_nodes(workflow))
+    if problems:
+        raise SystemExit(f"{name}: " + "\n".join(problems))
+    path = OUT / f"{name}.json"
+    path.write_text(json.dumps(workflow, indent=2, ensure_ascii=False) + "\n")
+    print("wrote", path)
+
+
+def compare_same_seed():
+    b = WorkflowBuilder(INFO)
+    note = b.add("MarkdownNote", (0, -330), [
+        "**Erase an artist's style, then compare with the same seed.**\n\n"
+        "RECE Erase Concept removes *Van Gogh* from the model's cross-attention (guide: *art*, the authors' "
+        "artistic-style preset). Both KSamplers get the same prompt, latent and fixed seed: the left image comes "
+        "from the original model, the right one from the erased model. The report shows how far the erasure went."
+    ], title="About this workflow", size=(420, 250), **NOTE_COLOR)
+    ckpt = b.add("CheckpointLoaderSimple", (0, 0), [CKPT], title="Load Checkpoint (your SD1.x model)", size=(340, 100))
+    erase = b.add("RECEEraseConcept", (400, 0), erase_widgets(
+        "Van Gogh", "art", "", "artistic_style", 1, 0.1, 1.0, 0.1, 0.001), title="RECE Erase Concept: Van Gogh",
+        size=(380, 470), **ERASED_COLOR)
+    positive = b.add("CLIPTextEncode", (840, 0), ["The Starry Night by Van Gogh"], title="Prompt (both samplers)",
+                     size=(400, 150))
+    negative = b.add("CLIPTextEncode", (840, 200), [""], title="Negative prompt (both samplers)", size=(400, 130))
+    latent = b.add("EmptyLatentImage", (840, 380), [512, 512, 1], title="Empty Latent 512x512 (shared)",
+                   size=(400, 110))
+    report = b.add("PreviewAny", (840, 540), [], title="Erasure report", size=(400, 300))
+    sample_original = b.add("KSampler", (1300, 0), ksampler_widgets(), title="KSampler: original model",
+                            size=(320, 290), **ORIGINAL_COLOR)
+    sample_erased = b.add("KSampler", (1300, 340), ksampler_widgets(), title="KSampler: erased model (same seed)",
+                          size=(320, 290), **ERASED_COLOR)
+    decode_original = b.add("VAEDecode", (1680, 0), [], title="VAE Decode: original", size=(220, 50))
+    decode_erased = b.add("VAEDecode", (1680, 340), [], title="VAE Decode: erased", size=(220, 50))
+    stitch = b.add("ImageStitch", (1960, 0), ["right", True, 8, "white"], title="Original | Erased",
+                   size=(280, 150))
+    save = b.add("SaveImage", (2300, 0), ["rece_compare"], title="Save comparison", size=(540, 340))
+    b.link(ckpt, 0, erase, "model")
+    b.link(ckpt, 1, erase, "clip")
+    b.link(ckpt, 1, positive, "clip")
+    b.link(ckpt, 1, negative, "clip")
+    b.link(erase, 1, report, "source")
+    for sampler, model_source in ((sample_original, (ckpt, 0)), (sample_erased, (erase, 0))):
+        b.link(*model_source, sampler, "model")
+        b.link(positive, 0, sampler, "positive")
+        b.link(negative, 0, sampler, "negative")
+        b.link(latent, 0, sampler, "latent_image")
+    b.link(sample_original, 0, decode_original, "samples")
+    b.link(ckpt, 2, decode_original, "vae")
+    b.link(sample_erased, 0, decode_erased, "samples")
+    b.link(ckpt, 2, decode_erased, "vae")
+    b.link(decode_original, 0, stitch, "image1")
+    b.link(decode_erased, 0, stitch, "image2")
+    b.link(stitch, 0, save, "images")
+    del note
+    return b.build("rece_erase_compare_same_seed")
+
+
+def red_team():
+    b = WorkflowBuilder(INFO)
+    b.add("MarkdownNote", (0, -330), [
+        "**Red-team UCE against RECE.**\n\n"
+        "Both nodes erase *nudity* with the authors' preset. Derive Adversarial Embedding then finds, in closed "
+        "form, the prompt embedding that best brings the concept back from each erased model (compared with the "
+        "original checkpoint). Each erased model samples from its own attack with the same seed: left UCE, right "
+        "RECE. RECE's epochs erase those attacks too, so its image should show less of the concept."
+    ], title="About this workflow", size=(420, 280), **NOTE_COLOR)
+    ckpt = b.add("CheckpointLoaderSimple", (0, 240), [CKPT], title="Load Checkpoint (your SD1.x model)", size=(340, 100))
+    uce = b.add("UCEEraseConcept", (400, 0), erase_widgets("nudity", "", "", "nudity", 3, 0.1, 1.0, 0.1, 0.1,
+                                                             with_epochs=False),
+                title="UCE Erase Concept: nudity", size=(380, 440))
+    rece = b.add("RECEEraseConcept", (400, 540), erase_widgets("nudity", "", "", "nudity", 3, 0.1, 1.0, 0.1, 0.1),
+                 title="RECE Erase Concept: nudity", size=(380, 470), **ERASED_COLOR)
+    attack_uce = b.add("RECEDeriveAdversarialEmbedding", (840, 0), ["nudity", 0.1],
+                       title="Adversarial embedding vs UCE", size=(380, 210))
+    attack_rece = b.add("RECEDeriveAdversarialEmbedding", (840, 540), ["nudity", 0.1],
+                        title="Adversarial embedding vs RECE", size=(380, 210), **ERASED_COLOR)
+    negative = b.add("CLIPTextEncode", (840, 270), [""], title="Negative prompt (empty)", size=(380, 100))
+    latent = b.add("EmptyLatentImage", (840, 410), [512, 512, 1], title="Empty Latent 512x512 (shared)",
+                   size=(380, 100))
+    sample_uce = b.add("KSampler", (1280, 0), ksampler_widgets(), title="KSampler: UCE model, its attack",
+                       size=(320, 290))
+    sample_rece = b.add("KSampler", (1280, 540), ksampler_widgets(), title="KSampler: RECE model, its attack (same seed)",
+                        size=(320, 290), **ERASED_COLOR)
+    decode_uce = b.add("VAEDecode", (1660, 0), [], title="VAE Decode: UCE", size=(220, 50))
+    decode_rece = b.add("VAEDecode", (1660, 540), [], title="VAE Decode: RECE", size=(220, 50))
+    stitch = b.add("ImageStitch", (1940, 0), ["right", True, 8, "white"], title="UCE | RECE", size=(280, 150))
+    save = b.add("SaveImage", (2280, 0), ["rece_red_team"], title="Save red-team comparison", size=(540, 340))
+    report_uce = b.add("PreviewAny", (1660, 200), [], title="Red-team report: UCE", size=(560, 180))
+    report_rece = b.add("PreviewAny", (1660, 660), [], title="Red-team report: RECE", size=(560, 180))
+    for eraser in (uce, rece):
+        b.link(ckpt, 0, eraser, "model")
+        b.link(ckpt, 1, eraser, "clip")
+    b.link(ckpt, 1, negative, "clip")
+    for eraser, attack, sampler, decode, report in ((uce, attack_uce, sample_uce, decode_uce, report_uce),
+                                                   (rece, attack_rece, sample_rece, decode_rece, report_rece)):
+        b.link(eraser, 0, attack, "model")
+        b.link(ckpt, 1, attack, "clip")
+        b.link(ckpt, 0, attack, "original_model")
+        b.link(eraser, 0, sampler, "model")
+        b.link(attack, 0, sampler, "positive")
+        b.link(negative, 0, sampler, "negative")
+        b.link(latent, 0, sampler, "latent_image")
+        b.link(sampler, 0, decode, "samples")
+        b.link(ckpt, 2, decode, "vae")
+        b.link(attack, 1, report, "source")
+    b.link(decode_uce, 0, stitch, "image1")
+    b.link(decode_rece, 0, stitch, "image2")
+    b.link(stitch, 0, save, "images")
+    return b.build("rece_red_team_uce_vs_rece")
+
+
+def save_checkpoint():
+    b = WorkflowBuilder(INFO)
+    b.add("MarkdownNote", (0, -300), [
+        "**Erase nudity and save the erased checkpoint.**\n\n"
+        "RECE Erase Concept (the authors' nudity preset: a UCE step and 3 RECE epochs) edits only the "
+        "cross-attention key/value weights. Checkpoint Save writes the erased model with its CLIP and VAE to "
+        "`output/checkpoints/rece_nudity_00001_.safetensors`; move it to `models/checkpoints` to load it like any other."
+    ], title="About this workflow", size=(420, 220), **NOTE_COLOR)
+    ckpt = b.add("CheckpointLoaderSimple", (0, 0), [CKPT], title="Load Checkpoint (your SD1.x model)", size=(340, 100))
+    erase = b.add("RECEEraseConcept", (400, 0), erase_widgets("nudity", "", "", "nudity", 3, 0.1, 1.0, 0.1, 0.1),
+                  title="RECE Erase Concept: nudity", size=(380, 470), **ERASED_COLOR)
+    save = b.add("CheckpointSave", (840, 0), ["checkpoints/rece_nudity"], title="Save erased checkpoint",
+                 size=(380, 130))
+    report = b.add("PreviewAny", (840, 190), [], title="Erasure report", size=(460, 280))
+    b.link(ckpt, 0, erase, "model")
+    b.link(ckpt, 1, erase, "clip")
+    b.link(erase, 0, save, "model")
+    b.link(ckpt, 1, save, "clip")
+    b.link(ckpt, 2, save, "vae")
+    b.link(erase, 1, report, "source")
+    return b.build("rece_erase_nudity_save_checkpoint")
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as workdir, host.server(Path(workdir)) as server:
+        INFO.update(server.get("/object_info", timeout=120))
+    OUT.mkdir(exist_ok=True)
+    check("rece_erase_compare_same_seed", compare_same_seed())
+    check("rece_red_team_uce_vs_rece", red_team())
+    check("rece_erase_nudity_save_checkpoint", save_checkpoint())
+
+
+if __name__ == "__main__":
+    main()

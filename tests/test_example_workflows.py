@@ -1,0 +1,452 @@
+"""The pack's example workflows and node definitions, as ComfyUI's server and web page see them.
+
+One ComfyUI server for the whole module, used by one test: with ``pytest -n 2``
+xdist may send tests of a module to both workers, and each would start its
+own server. The checks in that test are collected and reported together.
+The pure tests of ``devkit.workflows`` below need no ComfyUI.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from devkit import host, paths, workflows
+
+EXAMPLES = paths.REPO_ROOT / "example_workflows"
+EXAMPLE_NAMES = ["rece_erase_compare_same_seed", "rece_red_team_uce_vs_rece", "rece_erase_nudity_save_checkpoint"]
+SHIPPED_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
+TEST_SIZE, TEST_STEPS = 64, 2
+PRESETS = ["nudity", "unsafe", "artistic_style", "object_hard", "object_easy", "custom"]
+NUMBERS = ["lamb", "erase_scale", "preserve_scale", "reg_scale", "strength"]
+# (class, display name, required inputs in order, optional inputs, outputs)
+PACK_NODES = [
+    ("RECEEraseConcept", "RECE Erase Concept",
+     ["model", "clip", "concepts", "guide", "preserve", "preset", "epochs", *NUMBERS], [], ["MODEL", "STRING"]),
+    ("UCEEraseConcept", "UCE Erase Concept",
+     ["model", "clip", "concepts", "guide", "preserve", "preset", *NUMBERS], [], ["MODEL", "STRING"]),
+    ("RECEDeriveAdversarialEmbedding", "Derive Adversarial Embedding",
+     ["model", "clip", "concept", "reg_scale"], ["original_model"], ["CONDITIONING", "STRING"]),
+]
+DEFAULTS = {"concepts": "nudity", "guide": "", "preserve": "", "preset": "nudity", "epochs": 3, "lamb": 0.1,
+            "erase_scale": 1.0, "preserve_scale": 0.1, "reg_scale": 0.1, "strength": 1.0, "concept": "nudity"}
+
+
+class Checks:
+    """Soft assertions: every failed check is kept, the test fails once at the end with all of them."""
+
+    def __init__(self):
+        self.failures: list[str] = []
+
+    def that(self, condition: object, message: str) -> bool:
+        if not condition:
+            self.failures.append(message)
+        return bool(condition)
+
+    def none(self, problems: list[str], what: str) -> None:
+        for problem in problems:
+            self.failures.append(f"{what}: {problem}")
+
+
+def test_examples_and_nodes_on_a_comfyui_server(tmp_path_factory):
+    if not (paths.CHECKPOINT_DIR / paths.SLIM_SD15_NAME).exists():
+        pytest.fail(f"{paths.SLIM_SD15_NAME} is missing: run scripts/setup.sh before the tests")
+    check = Checks()
+    with host.server(tmp_path_factory.mktemp("example_workflows")) as server:
+        object_info = server.get("/object_info", timeout=120)
+        check_pack_nodes(check, object_info)
+        check_templates_route(check, server)
+        for name in EXAMPLE_NAMES:
+            workflow = workflows.load_workflow(EXAMPLES / f"{name}.json")
+            if check_example_file(check, name, workflow, object_info):
+                entry, graph = run_example(check, server, name, workflow, object_info)
+                if entry is not None:
+                    CHECK_OUTPUTS[name](check, server, entry, graph)
+        check_converter_on_a_template_the_web_page_wrote(check, server, object_info)
+    assert not check.failures, "\n".join(check.failures) + "\n--- server log ---\n" + server.log()[-3000:]
+
+
+def check_pack_nodes(check: Checks, object_info: dict) -> None:
+    for kind, display, required, optional, outputs in PACK_NODES:
+        info = object_info.get(kind)
+        if not check.that(info is not None, f"/object_info has no {kind}"):
+            continue
+        check.that(info["category"] == "RECE", f"{kind}: category {info['category']!r}")
+        check.that(info["display_name"] == display, f"{kind}: display name {info['display_name']!r}")
+        check.that(len(info.get("description", "")) > 40, f"{kind}: no description")
+        check.that(list(info["output"]) == outputs, f"{kind}: outputs {info['output']}")
+        order = info["input_order"]
+        check.that(order.get("required") == required, f"{kind}: required inputs {order.get('required')}")
+        check.that((order.get("optional") or []) == optional, f"{kind}: optional inputs {order.get('optional')}")
+        specs = {**info["input"]["required"], **info["input"].get("optional", {})}
+        for name, spec in specs.items():
+            options = spec[1] if len(spec) > 1 else {}
+            check.that(len(options.get("tooltip", "")) > 10, f"{kind}.{name}: no tooltip")
+            if name in DEFAULTS:
+                check.that(options.get("default") == DEFAULTS[name], f"{kind}.{name}: default {options.get('default')!r}")
+        for name in ("concepts", "preserve", "concept"):
+            if name in specs:
+                check.that(specs[name][1].get("multiline"), f"{kind}.{name}: not multiline")
+        if "preset" in specs:
+            check.that(specs["preset"][0] == PRESETS, f"{kind}.preset: choices {specs['preset'][0]}")
+        check.that(len(info.get("output_tooltips", [])) == len(outputs), f"{kind}: output tooltips missing")
+
+
+def check_templates_route(check: Checks, server: host.Server) -> None:
+    listed = server.get("/workflow_templates").get(paths.PACK_LINK_NAME, [])
+    check.that(sorted(listed) == sorted(EXAMPLE_NAMES), f"/workflow_templates lists {listed} for {paths.PACK_LINK_NAME}")
+    for name in EXAMPLE_NAMES:
+        # The web page opens a template from this route.
+        served = server.get(f"/api/workflow_templates/{paths.PACK_LINK_NAME}/{name}.json")
+        check.that(served == json.loads((EXAMPLES / f"{name}.json").read_text()), f"{name}: served file differs")
+
+
+def check_example_file(check: Checks, name: str, workflow: dict, object_info: dict) -> bool:
+    """Checks that need no run. True when the workflow can be converted and run."""
+    missing = workflows.missing_node_types(workflow, object_info)
+    check.that(not missing, f"{name}: node types missing from the server: {missing}")
+    check.none(workflows.structure_errors(workflow), name)
+    check.none(workflows.link_type_errors(workflow, object_info), name)
+    check.none(workflows.widget_count_errors(workflow, object_info), name)
+    check.none(workflows.overlapping_nodes(workflow), name)
+    notes = [n for n in workflow["nodes"] if n["type"] in workflows.NOTE_TYPES]
+    check.that(len(notes) == 1 and len(notes[0]["widgets_values"][0]) > 80, f"{name}: needs one explaining note")
+    untitled = [n["type"] for n in workflow["nodes"] if not n.get("title")]
+    check.that(not untitled, f"{name}: nodes without a title: {untitled}")
+    xs = [n["pos"][0] for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple"]
+    check.that(xs and min(xs) == min(n["pos"][0] for n in workflow["nodes"]), f"{name}: the loader is not leftmost")
+    loaders = [n for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple"]
+    check.that([n["widgets_values"] for n in loaders] == [[SHIPPED_CHECKPOINT]], f"{name}: checkpoint {loaders}")
+    return not missing
+
+
+def run_example(check: Checks, server: host.Server, name: str, workflow: dict, object_info: dict):
+    graph = workflows.with_checkpoint(workflows.to_api(workflow, object_info), paths.SLIM_SD15_NAME)
+    check_graph_shape(check, name, graph)
+    if workflows.api_nodes(graph, "EmptyLatentImage"):
+        graph = workflows.with_inputs(graph, class_type="EmptyLatentImage", width=TEST_SIZE, height=TEST_SIZE)
+    if workflows.api_nodes(graph, "KSampler"):
+        graph = workflows.with_inputs(graph, class_type="KSampler", steps=TEST_STEPS)
+    entry = server.run_prompt(graph)
+    if not check.that(entry["status"]["status_str"] == "success", f"{name}: {json.dumps(entry['status'])[:2000]}"):
+        return None, graph
+    return entry, graph
+
+
+def inputs_of(graph: dict, kind: str) -> list[dict]:
+    return [graph[i]["inputs"] for i in workflows.api_nodes(graph, kind)]
+
+
+def check_graph_shape(check: Checks, name: str, graph: dict) -> None:
+    """What each example is meant to wire, as the brief describes it."""
+    (loader,) = workflows.api_nodes(graph, "CheckpointLoaderSimple")
+    samplers = inputs_of(graph, "KSampler")
+    if samplers:
+        check.that(len({s["seed"] for s in samplers}) == 1 and len(samplers) == 2, f"{name}: samplers' seeds differ")
+    if name == "rece_erase_compare_same_seed":
+        (erase,) = inputs_of(graph, "RECEEraseConcept")
+        check.that((erase["concepts"], erase["guide"], erase["preset"]) == ("Van Gogh", "art", "artistic_style"),
+                   f"{name}: erase settings {erase}")
+        (eraser,) = workflows.api_nodes(graph, "RECEEraseConcept")
+        check.that(sorted(s["model"][0] for s in samplers) == sorted([loader, eraser]), f"{name}: sampler models")
+        check.that(len({(tuple(s["positive"]), tuple(s["negative"]), tuple(s["latent_image"])) for s in samplers}) == 1,
+                   f"{name}: samplers do not share prompt, negative and latent")
+        texts = {graph[s["positive"][0]]["inputs"]["text"] for s in samplers}
+        check.that(texts == {"The Starry Night by Van Gogh"}, f"{name}: prompt {texts}")
+        check.that(inputs_of(graph, "SaveImage")[0]["filename_prefix"] == "rece_compare", f"{name}: prefix")
+        check.that(inputs_of(graph, "ImageStitch")[0]["direction"] == "right", f"{name}: stitch direction")
+    if name == "rece_red_team_uce_vs_rece":
+        attackers = inputs_of(graph, "RECEDeriveAdversarialEmbedding")
+        erasers = workflows.api_nodes(graph, "UCEEraseConcept") + workflows.api_nodes(graph, "RECEEraseConcept")
+        check.that(sorted(a["model"][0] for a in attackers) == sorted(erasers), f"{name}: attacked models")
+        check.that(all(a["original_model"] == [loader, 0] and a["concept"] == "nudity" for a in attackers),
+                   f"{name}: attackers' original_model/concept")
+        attack_ids = workflows.api_nodes(graph, "RECEDeriveAdversarialEmbedding")
+        check.that(sorted(s["positive"][0] for s in samplers) == sorted(attack_ids), f"{name}: positives")
+        for sampler in samplers:
+            attacked = graph[sampler["positive"][0]]["inputs"]["model"]
+            check.that(sampler["model"] == attacked, f"{name}: a sampler draws from another model than its attack's")
+        check.that(inputs_of(graph, "SaveImage")[0]["filename_prefix"] == "rece_red_team", f"{name}: prefix")
+    if name == "rece_erase_nudity_save_checkpoint":
+        (save,) = inputs_of(graph, "CheckpointSave")
+        (eraser,) = workflows.api_nodes(graph, "RECEEraseConcept")
+        check.that(save["model"] == [eraser, 0] and save["clip"] == [loader, 1] and save["vae"] == [loader, 2],
+                   f"{name}: CheckpointSave inputs {save}")
+        check.that(save["filename_prefix"] == "checkpoints/rece_nudity", f"{name}: prefix")
+
+
+def preview_texts(check: Checks, name: str, entry: dict, graph: dict, expected: int) -> list[str]:
+    texts = [t for i in workflows.api_nodes(graph, "PreviewAny") for t in entry["outputs"].get(i, {}).get("text", [])]
+    check.that(len(texts) == expected and all(t.strip() for t in texts), f"{name}: preview texts {texts}")
+    return texts
+
+
+def saved_stitch(check: Checks, server: host.Server, name: str, entry: dict, graph: dict) -> None:
+    (save,) = workflows.api_nodes(graph, "SaveImage")
+    images = entry["outputs"].get(save, {}).get("images", [])
+    if not check.that(len(images) == 1, f"{name}: SaveImage outputs {images}"):
+        return
+    path = server.output_dir / images[0].get("subfolder", "") / images[0]["filename"]
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(np.float32)
+    spacing = inputs_of(graph, "ImageStitch")[0]["spacing_width"]
+    check.that(pixels.shape == (TEST_SIZE, 2 * TEST_SIZE + spacing, 3), f"{name}: image shape {pixels.shape}")
+    left, right = pixels[:, :TEST_SIZE], pixels[:, TEST_SIZE + spacing:]
+    # A NaN anywhere in sampling decodes to one flat colour.
+    check.that(np.isfinite(pixels).all() and left.std() > 0 and right.std() > 0, f"{name}: a flat half in {path}")
+    check.that(not np.array_equal(left, right), f"{name}: both halves are identical")
+
+
+def outputs_compare(check, server, entry, graph):
+    name = "rece_erase_compare_same_seed"
+    saved_stitch(check, server, name, entry, graph)
+    text = (preview_texts(check, name, entry, graph, 1) or [""])[0]
+    check.that(text.startswith("RECE erased 'Van Gogh' -> 'art'"), f"{name}: report {text!r}")
+
+
+def outputs_red_team(check, server, entry, graph):
+    name = "rece_red_team_uce_vs_rece"
+    saved_stitch(check, server, name, entry, graph)
+    texts = preview_texts(check, name, entry, graph, 2)
+    check.that(all(t.startswith("adversarial embedding of 'nudity'") for t in texts), f"{name}: reports {texts}")
+
+
+def outputs_save_checkpoint(check, server, entry, graph):
+    name = "rece_erase_nudity_save_checkpoint"
+    text = (preview_texts(check, name, entry, graph, 1) or [""])[0]
+    check.that(text.startswith("RECE erased 'nudity'") and "rank" in text, f"{name}: report {text!r}")
+    saved = sorted((server.output_dir / "checkpoints").glob("rece_nudity_*.safetensors"))
+    if not check.that(len(saved) == 1, f"{name}: saved {saved}"):
+        return
+    from safetensors import safe_open
+
+    original_path = paths.CHECKPOINT_DIR / paths.SLIM_SD15_NAME
+    with safe_open(str(saved[0]), framework="pt") as erased, safe_open(str(original_path), framework="pt") as original:
+        keys = set(erased.keys())
+        unet = [k for k in keys if k.startswith("model.diffusion_model.")]
+        check.that(len(unet) > 100 and any(k.startswith("first_stage_model.") for k in keys)
+                   and any(k.startswith("cond_stage_model.") for k in keys), f"{name}: keys of {saved[0]}")
+        for key in sorted(keys):
+            if not torch.isfinite(erased.get_tensor(key).float()).all():
+                check.that(False, f"{name}: {key} is not finite")
+                break
+        kv = [k for k in unet if ".attn2.to_k." in k or ".attn2.to_v." in k]
+        others = [k for k in unet if ".attn1.to_q." in k]
+        check.that(len(kv) == 14, f"{name}: {len(kv)} K/V weights")
+        for key in kv[:2] + others[:2]:
+            before, after = original.get_tensor(key).float(), erased.get_tensor(key).float()
+            changed = not torch.allclose(before, after, rtol=0, atol=1e-3)
+            check.that(changed == (key in kv), f"{name}: {key} {'unchanged' if key in kv else 'changed'} by the erasure")
+
+
+CHECK_OUTPUTS = {
+    "rece_erase_compare_same_seed": outputs_compare,
+    "rece_red_team_uce_vs_rece": outputs_red_team,
+    "rece_erase_nudity_save_checkpoint": outputs_save_checkpoint,
+}
+
+
+def check_converter_on_a_template_the_web_page_wrote(check: Checks, server: host.Server, object_info: dict) -> None:
+    """ComfyUI's own SD1.5 template, saved by the web page, converts and runs."""
+    found = glob.glob(str(Path(sys.prefix) / "lib" / "python3*" / "site-packages" / "comfyui_workflow_templates_media_other"
+                          / "templates" / "default.json"))
+    if not found:
+        return  # templates package not installed (e.g. another ComfyUI via COMFYUI_PATH)
+    workflow = workflows.load_workflow(found[0])
+    check.none(workflows.link_type_errors(workflow, object_info), "default template")
+    graph = workflows.to_api(workflow, object_info)
+    sampler = inputs_of(graph, "KSampler")[0]
+    check.that({k: sampler[k] for k in ("steps", "cfg", "sampler_name", "scheduler", "denoise")}
+               == {"steps": 20, "cfg": 8, "sampler_name": "euler", "scheduler": "normal", "denoise": 1},
+               f"default template: KSampler widgets read as {sampler}")
+    graph = workflows.with_checkpoint(graph, paths.SLIM_SD15_NAME)
+    graph = workflows.with_inputs(graph, class_type="EmptyLatentImage", width=TEST_SIZE, height=TEST_SIZE)
+    graph = workflows.with_inputs(graph, class_type="KSampler", steps=TEST_STEPS)
+    entry = server.run_prompt(graph)
+    check.that(entry["status"]["status_str"] == "success", f"default template: {json.dumps(entry['status'])[:2000]}")
+
+
+# --- devkit.workflows without ComfyUI -------------------------------------------------------------
+
+OBJECT_INFO = {
+    "CheckpointLoaderSimple": {"input": {"required": {"ckpt_name": [["a.safetensors", "b.safetensors"], {}]}},
+                               "input_order": {"required": ["ckpt_name"]}, "output": ["MODEL", "CLIP", "VAE"],
+                               "output_name": ["MODEL", "CLIP", "VAE"], "output_node": False},
+    "CLIPTextEncode": {"input": {"required": {"text": ["STRING", {"multiline": True}], "clip": ["CLIP", {}]}},
+                       "input_order": {"required": ["text", "clip"]}, "output": ["CONDITIONING"], "output_node": False},
+    "EmptyLatentImage": {"input": {"required": {"width": ["INT", {}], "height": ["INT", {}], "batch_size": ["INT", {}]}},
+                         "input_order": {"required": ["width", "height", "batch_size"]}, "output": ["LATENT"],
+                         "output_node": False},
+    "KSampler": {"input": {"required": {
+        "model": ["MODEL", {}], "seed": ["INT", {"control_after_generate": True}], "steps": ["INT", {}],
+        "cfg": ["FLOAT", {}], "sampler_name": [["euler", "dpmpp_2m"], {}], "scheduler": [["normal", "karras"], {}],
+        "positive": ["CONDITIONING", {}], "negative": ["CONDITIONING", {}], "latent_image": ["LATENT", {}],
+        "denoise": ["FLOAT", {}]}},
+        "input_order": {"required": ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive",
+                                     "negative", "latent_image", "denoise"]},
+        "output": ["LATENT"], "output_node": False},
+    "VAEDecode": {"input": {"required": {"samples": ["LATENT", {}], "vae": ["VAE", {}]}},
+                  "input_order": {"required": ["samples", "vae"]}, "output": ["IMAGE"], "output_node": False},
+    "ImageStitch": {"input": {"required": {"image1": ["IMAGE"], "direction": [["right", "down"], {}],
+                                           "spacing_width": ["INT", {}]},
+                              "optional": {"image2": ["IMAGE"]}},
+                    "input_order": {"required": ["image1", "direction", "spacing_width"], "optional": ["image2"]},
+                    "output": ["IMAGE"], "output_node": False},
+    "SaveImage": {"input": {"required": {"images": ["IMAGE", {}], "filename_prefix": ["STRING", {}]},
+                            "hidden": {"prompt": "PROMPT"}},
+                  "input_order": {"required": ["images", "filename_prefix"], "hidden": ["prompt"]},
+                  "output": [], "output_node": True},
+    "PreviewAny": {"input": {"required": {"source": ["*", {}]}}, "input_order": {"required": ["source"]},
+                   "output": [], "output_node": True},
+    "OldSeeded": {"input": {"required": {"seed": ["INT", {}], "text": ["STRING", {}]}},
+                  "input_order": {"required": ["seed", "text"]}, "output": ["STRING"], "output_node": False},
+}
+
+
+def ui_node(node_id, kind, inputs=(), outputs=(), widgets=(), **extra):
+    node = {"id": node_id, "type": kind, "pos": [300 * node_id, 0], "size": [280, 100], "flags": {}, "order": node_id,
+            "mode": 0, "inputs": [{"name": n, "type": t, "link": link} for n, t, link in inputs],
+            "outputs": [{"name": t, "type": t, "links": links} for t, links in outputs],
+            "properties": {}, "widgets_values": list(widgets)}
+    node.update(extra)
+    return node
+
+
+def txt2img_ui() -> dict:
+    """A txt2img workflow as the web page saves it, with a note, a reroute and a seed control value."""
+    nodes = [
+        ui_node(1, "CheckpointLoaderSimple", outputs=[("MODEL", [1]), ("CLIP", [2, 3]), ("VAE", [9])],
+                widgets=["a.safetensors"]),
+        ui_node(2, "CLIPTextEncode", [("clip", "CLIP", 2)], [("CONDITIONING", [4])], ["a red circle"], title="Prompt"),
+        ui_node(3, "CLIPTextEncode", [("clip", "CLIP", 3)], [("CONDITIONING", [5])], [""], title="Negative"),
+        ui_node(4, "EmptyLatentImage", outputs=[("LATENT", [6])], widgets=[512, 512, 1]),
+        ui_node(5, "KSampler", [("model", "MODEL", 1), ("positive", "CONDITIONING", 4),
+                                ("negative", "CONDITIONING", 5), ("latent_image", "LATENT", 6)],
+                [("LATENT", [7])], [42, "fixed", 20, 7.5, "euler", "normal", 1.0]),
+        ui_node(6, "VAEDecode", [("samples", "LATENT", 7), ("vae", "VAE", 10)], [("IMAGE", [8])]),
+        ui_node(7, "SaveImage", [("images", "IMAGE", 8)], widgets=["txt2img"]),
+        ui_node(8, "Reroute", [("", "*", 9)], [("VAE", [10])]),
+        ui_node(9, "MarkdownNote", widgets=["**txt2img**"]),
+    ]
+    links = [[1, 1, 0, 5, 0, "MODEL"], [2, 1, 1, 2, 0, "CLIP"], [3, 1, 1, 3, 0, "CLIP"], [4, 2, 0, 5, 1, "CONDITIONING"],
+             [5, 3, 0, 5, 2, "CONDITIONING"], [6, 4, 0, 5, 3, "LATENT"], [7, 5, 0, 6, 0, "LATENT"],
+             [8, 6, 0, 7, 0, "IMAGE"], [9, 1, 2, 8, 0, "VAE"], [10, 8, 0, 6, 1, "VAE"]]
+    return {"last_node_id": 9, "last_link_id": 10, "nodes": nodes, "links": links, "groups": [], "config": {},
+            "extra": {}, "version": 0.4}
+
+
+def test_to_api_maps_widgets_by_input_order_and_skips_the_seed_control_value():
+    graph = workflows.to_api(txt2img_ui(), OBJECT_INFO)
+    assert graph["5"] == {"class_type": "KSampler", "_meta": {"title": "KSampler"}, "inputs": {
+        "seed": 42, "steps": 20, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+        "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0]}}
+    assert graph["2"]["inputs"] == {"text": "a red circle", "clip": ["1", 1]}
+    assert graph["2"]["_meta"]["title"] == "Prompt"
+    # The reroute is followed to the loader; the note and the reroute are not sent.
+    assert graph["6"]["inputs"] == {"samples": ["5", 0], "vae": ["1", 2]}
+    assert set(graph) == {"1", "2", "3", "4", "5", "6", "7"}
+    assert workflows.output_ids(graph, OBJECT_INFO) == ["7"]
+    assert workflows.link_type_errors(txt2img_ui(), OBJECT_INFO) == []
+    assert workflows.widget_count_errors(txt2img_ui(), OBJECT_INFO) == []
+    assert workflows.structure_errors(txt2img_ui()) == []
+
+
+def test_a_seed_saved_without_its_control_value_is_reported():
+    workflow = txt2img_ui()
+    workflow["nodes"][4]["widgets_values"] = [42, 20, 7.5, "euler", "normal", 1.0]  # "fixed" lost
+    (problem,) = workflows.widget_count_errors(workflow, OBJECT_INFO)
+    assert "KSampler" in problem
+    # A plain INT named 'seed' (older nodes) takes a control value only when one is stored.
+    node = ui_node(1, "OldSeeded", widgets=[7, "hello"])
+    assert workflows.widget_values(node, OBJECT_INFO["OldSeeded"]) == {"seed": 7, "text": "hello"}
+    node["widgets_values"] = [7, "randomize", "hello"]
+    assert workflows.widget_values(node, OBJECT_INFO["OldSeeded"]) == {"seed": 7, "text": "hello"}
+
+
+def test_a_link_of_the_wrong_type_is_reported():
+    workflow = txt2img_ui()
+    # CLIP output into the sampler's model input, link stored as CLIP.
+    workflow["links"][0] = [1, 1, 1, 5, 0, "CLIP"]
+    loader_outputs = workflow["nodes"][0]["outputs"]
+    loader_outputs[0]["links"], loader_outputs[1]["links"] = [], [1, 2, 3]
+    (problem,) = workflows.link_type_errors(workflow, OBJECT_INFO)
+    assert "output type CLIP does not fit input 'model' of type MODEL" in problem
+    workflow = txt2img_ui()
+    workflow["links"][0][5] = "LATENT"  # right slots, wrong stored type
+    (problem,) = workflows.link_type_errors(workflow, OBJECT_INFO)
+    assert "stored as type 'LATENT'" in problem
+
+
+def test_any_type_and_optional_inputs():
+    b = workflows.WorkflowBuilder(OBJECT_INFO)
+    loader = b.add("CheckpointLoaderSimple", (0, 0), ["a.safetensors"])
+    stitch = b.add("ImageStitch", (400, 0), ["down", 4], title="Stitch")
+    decode = b.add("VAEDecode", (0, 200), [])
+    preview = b.add("PreviewAny", (800, 0), [])
+    b.link(decode, 0, stitch, "image1")
+    b.link(decode, 0, stitch, "image2")
+    b.link(loader, 2, decode, "vae")
+    b.link(stitch, 0, preview, "source")  # IMAGE into "*"
+    workflow = b.build("test")
+    assert workflows.link_type_errors(workflow, OBJECT_INFO) == []
+    assert workflows.structure_errors(workflow) == []
+    stitch_node = workflow["nodes"][stitch - 1]
+    assert [s["name"] for s in stitch_node["inputs"]] == ["image1", "image2"] and stitch_node["inputs"][1]["shape"] == 7
+    graph = workflows.to_api(workflow, OBJECT_INFO)
+    assert graph[str(stitch)]["inputs"] == {"direction": "down", "spacing_width": 4, "image1": ["3", 0], "image2": ["3", 0]}
+    with pytest.raises(workflows.WorkflowError, match="no socket 'samples'"):
+        b.link(loader, 0, stitch, "samples")
+    # Bypassed, the stitch passes its first IMAGE input straight to the preview.
+    workflow["nodes"][stitch - 1]["mode"] = 4
+    graph = workflows.to_api(workflow, OBJECT_INFO)
+    assert str(stitch) not in graph and graph[str(preview)]["inputs"] == {"source": [str(decode), 0]}
+
+
+def test_missing_node_types_ignore_notes_and_conversion_refuses_them():
+    workflow = txt2img_ui()
+    workflow["nodes"].append(ui_node(10, "SomePackNode"))
+    assert workflows.missing_node_types(workflow, OBJECT_INFO) == ["SomePackNode"]
+    assert workflows.missing_node_types(txt2img_ui(), OBJECT_INFO) == []
+    with pytest.raises(workflows.WorkflowError, match="SomePackNode"):
+        workflows.to_api(workflow, OBJECT_INFO)
+
+
+def test_muted_and_bypassed_nodes_are_left_out_as_the_web_page_does():
+    workflow = txt2img_ui()
+    workflow["nodes"][6]["mode"] = 2  # SaveImage muted
+    workflow["nodes"][5]["mode"] = 4  # VAEDecode bypassed: nothing of type IMAGE passes through
+    graph = workflows.to_api(workflow, OBJECT_INFO)
+    assert "6" not in graph and "7" not in graph
+
+
+def test_checkpoint_and_input_helpers_copy_the_graph():
+    graph = workflows.to_api(txt2img_ui(), OBJECT_INFO)
+    before = copy.deepcopy(graph)
+    swapped = workflows.with_checkpoint(graph, "b.safetensors")
+    assert swapped["1"]["inputs"]["ckpt_name"] == "b.safetensors" and graph == before
+    changed = workflows.with_inputs(graph, title="Prompt", text="a blue square")
+    assert changed["2"]["inputs"]["text"] == "a blue square" and changed["3"]["inputs"]["text"] == ""
+    assert workflows.with_inputs(graph, class_type="KSampler", steps=2)["5"]["inputs"]["steps"] == 2
+    with pytest.raises(workflows.WorkflowError, match="no input"):
+        workflows.with_inputs(graph, class_type="KSampler", stpes=2)
+    with pytest.raises(workflows.WorkflowError, match="no node"):
+        workflows.with_inputs(graph, title="Nope", text="")
+    with pytest.raises(workflows.WorkflowError, match="no checkpoint loader"):
+        workflows.with_checkpoint({"1": {"class_type": "VAEDecode", "inputs": {}}}, "b.safetensors")
+    assert sorted(workflows.iter_links(graph))[0] == ("2", "clip", "1", 1)
+
+
+def test_example_files_are_ui_workflows_with_readable_layout():
+    """Structure only (the server test checks them against ComfyUI's nodes)."""
+    for name in EXAMPLE_NAMES:
+        workflow = workflows.load_workflow(EXAMPLES / f"{name}.json")
+        assert workflow["version"] == 0.4
+        assert workflows.structure_errors(workflow) == [], name
+        assert workflows.overlapping_nodes(workflow) == [], name
+    assert sorted(p.stem for p in EXAMPLES.glob("*.json")) == sorted(EXAMPLE_NAMES)
