@@ -132,8 +132,10 @@ def test_main_job_erases_and_saves_a_checkpoint_comfyui_loads_back(tmp_path, com
     result = run_main_job("--concepts", "nudity", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    for label in ("checkpoint", "erased", "edit", "time", "saved"):
+    for label in ("checkpoint", "workflow", "RECE erased 'nudity'", "comparison", "saved", "time"):
         assert any(line.startswith(label) for line in out.splitlines()), out
+    (image,) = sorted(tmp_path.glob("rece_compare_*.png"))
+    assert image.stat().st_size > 0
     # 'nudity' is two CLIP tokens: 75 UCE rows + 3 epochs x 77 rows bound the rank (spec).
     rank = int(re.search(r"rank (\d+) of 768", out).group(1))
     assert 0 < rank <= 306
