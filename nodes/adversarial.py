@@ -101,4 +101,4 @@ class RECEDeriveAdversarialEmbedding:
     def derive(self, model, clip, concept, reg_scale, original_model=None):
         with torch.inference_mode():
             conditioning, report = derive_adversarial(model, clip, concept, reg_scale, original_model)
-        return {"ui": {"text": (report,)}, "result": (conditioning, report)}
+        return conditioning, report

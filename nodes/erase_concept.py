@@ -138,7 +138,7 @@ class RECEEraseConcept:
                                     preserve_scale=preserve_scale, reg_scale=reg_scale, epochs=epochs)
         with torch.inference_mode():
             erased, report = erase_concepts(model, clip, self.METHOD, concepts, guide, preserve, preset, settings, strength)
-        return {"ui": {"text": (report,)}, "result": (erased, report)}
+        return erased, report
 
 
 class UCEEraseConcept(RECEEraseConcept):

@@ -29,18 +29,18 @@ def rece_node(pack, model, clip, concepts="nudity", guide="", preserve="", prese
     numbers = dict(NUDITY, **scales)
     out = pack.NODE_CLASS_MAPPINGS["RECEEraseConcept"]().erase(
         model, clip, concepts, guide, preserve, preset, strength=strength, epochs=epochs, **numbers)
-    return out["result"]
+    return out
 
 
 def uce_node(pack, model, clip, concepts="nudity", guide="", preserve="", preset="nudity", strength=1.0, **scales):
     out = pack.NODE_CLASS_MAPPINGS["UCEEraseConcept"]().erase(
         model, clip, concepts, guide, preserve, preset, strength=strength, **dict(NUDITY, **scales))
-    return out["result"]
+    return out
 
 
 def derive_node(pack, model, clip, concept="nudity", reg_scale=0.1, original=None):
     out = pack.NODE_CLASS_MAPPINGS["RECEDeriveAdversarialEmbedding"]().derive(model, clip, concept, reg_scale, original)
-    return out["result"]
+    return out
 
 
 def expected_erasure(glue, weights, clip, concepts, guide="", preserve=(), settings=None):
