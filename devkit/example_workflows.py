@@ -48,7 +48,7 @@ def check(name, workflow):
 
 def compare_same_seed():
     b = WorkflowBuilder(INFO)
-    note = b.add("MarkdownNote", (0, -330), [
+    b.add("MarkdownNote", (0, -330), [
         "**Erase an artist's style, then compare with the same seed.**\n\n"
         "RECE Erase Concept removes *Van Gogh* from the model's cross-attention (guide: *art*, the authors' "
         "artistic-style preset). Both KSamplers get the same prompt, latent and fixed seed: the left image comes "
@@ -90,7 +90,6 @@ def compare_same_seed():
     b.link(decode_original, 0, stitch, "image1")
     b.link(decode_erased, 0, stitch, "image2")
     b.link(stitch, 0, save, "images")
-    del note
     return b.build("rece_erase_compare_same_seed")
 
 
