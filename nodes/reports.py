@@ -26,6 +26,9 @@ def erase_report(
     seconds: Mapping[str, float],
 ) -> str:
     settings: RECESettings = erasure.settings
+    steps = len(erasure.steps)
+    # The figures describe the model as patched, at its strength.
+    erasure = erasure if strength == 1 else erasure.scaled(strength)
     pairs = [uce_erase_rows(c, g) for c, g in zip(concepts, guides)]
     erase_rows = torch.cat([c for c, _ in pairs])
     target_rows = torch.cat([t for _, t in pairs])
@@ -36,13 +39,12 @@ def erase_report(
         for c, g in zip(concepts, guides)
     )
     source = "published preset " + preset_name if preset_name != "custom" else "custom numbers"
-    steps = len(erasure.steps)
     lines = [
         f"{method} erased {_quoted([c.text for c in concepts])} -> {_quoted([guides[0].text])}; "
         f"preserved {_quoted([p.text for p in preserves])}",
         f"settings ({source}): lamb {settings.lamb}, erase_scale {settings.erase_scale}, "
         f"preserve_scale {settings.preserve_scale}, reg_scale {settings.reg_scale}, epochs {settings.epochs}; "
-        f"strength {strength}" + ("" if strength == 1 else " (the figures below are for the full edit, strength 1)"),
+        f"strength {strength}",
         f"edit: {'UCE step only' if steps == 1 else f'UCE step + {steps - 1} RECE epoch' + ('s' if steps > 2 else '')} on "
         f"{n_matrices} K/V matrices, rank {erasure.rank()} of {erasure.width}; "
         f"weights changed {100 * metrics.weight_change(gram_matrix, erasure):.2f}%",

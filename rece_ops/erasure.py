@@ -72,6 +72,13 @@ class Erasure:
             ups.append(before @ step.up)
         return torch.cat(ups, dim=1), torch.cat([s.down for s in self.steps])
 
+    def scaled(self, strength: float) -> "Erasure":
+        """The edit applied at ``strength``: ``T_s = I + strength * (T - I)``,
+        as one step with the same factors (what a patch at that strength does)."""
+        up, down = self.factors
+        return Erasure(steps=(EditStep(up=strength * up, down=down),), adversarial=self.adversarial,
+                       settings=self.settings, concepts=self.concepts, guides=self.guides, preserves=self.preserves)
+
     @cached_property
     def edit(self) -> torch.Tensor:
         """``T - I`` (float64): what a patch adds, ``W @ (T - I)``."""

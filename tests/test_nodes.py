@@ -1,6 +1,7 @@
 """The pack's nodes in a real ComfyUI (in-process) on the slim SD1.5 checkpoint."""
 from __future__ import annotations
 
+import re
 import zlib
 
 import pytest
@@ -142,7 +143,10 @@ def test_strength_scales_the_edit(pack, glue, slim_sd15):
     erasure = expected_erasure(glue, weights, clip, ["nudity"])
     expected = {k: w + 0.5 * erasure.delta(w) for k, w in weights.items()}
     assert worst_error(glue.weights.effective_kv_weights(half), expected) < 1e-6
-    assert "strength 0.5 (the figures below are for the full edit" in report
+    assert "strength 0.5" in report
+    full = rece_node(pack, model, clip)[1]
+    changed = [float(re.search(r"weights changed ([\d.]+)%", r).group(1)) for r in (report, full)]
+    assert changed[0] == pytest.approx(changed[1] / 2, abs=0.01)  # |W (T_s - I)| is linear in s
 
 
 def test_erase_node_leaves_the_input_model_bit_identical(pack, comfy_nodes, slim_sd15, model_fingerprint):

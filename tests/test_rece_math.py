@@ -451,6 +451,16 @@ def test_factors_reproduce_transform_minus_identity(small_erasure):
     assert relative_error(small_erasure.edit, small_erasure.transform - eye) <= 1e-12
 
 
+@pytest.mark.parametrize("strength", [0.0, 0.5, -1.0])
+def test_scaled_erasure_is_the_edit_at_that_strength(small_erasure, strength):
+    scaled = small_erasure.scaled(strength)
+    eye = torch.eye(small_erasure.width, dtype=F64)
+    assert relative_error(scaled.transform, eye + strength * small_erasure.edit) <= 1e-12
+    assert scaled.rank() == (0 if strength == 0 else small_erasure.rank())
+    weight = torch.randn(16, small_erasure.width, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(scaled.delta(weight), strength * small_erasure.delta(weight), atol=1e-6)
+
+
 def test_low_rank_at_full_rank_reproduces_the_edit(small_erasure):
     up, down = small_erasure.low_rank()
     assert up.shape[1] == down.shape[0] == small_erasure.rank()
