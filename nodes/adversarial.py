@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from ..rece_ops import metrics
 from ..rece_ops.closed_form import adversarial_from_grams, cross_gram
 
 from . import model_weights, reports, text_encoding
 from .erase_concept import CATEGORY, GRAM_CACHE
 from .erasure_state import original_model
 from .progress import check_cancel
-
-
-def _miss(gram_edited, gram_cross, gram_original, x, c) -> float:
-    """``|A x - B c| / |B c|`` summed over all matrices, from Gram matrices."""
-    x, c = x.to(gram_edited), c.to(gram_edited)
-    miss = (torch.einsum("nd,de,ne->", x, gram_edited, x) - 2 * torch.einsum("nd,de,ne->", x, gram_cross, c)
-            + torch.einsum("nd,de,ne->", c, gram_original, c))
-    base = torch.einsum("nd,de,ne->", c, gram_original, c)
-    return float(miss.clamp_min(0).sqrt() / base.sqrt()) if base > 0 else 0.0
 
 
 def derive_adversarial(model, clip, concept: str, reg_scale: float, original=None) -> tuple[list, str]:
@@ -58,8 +50,8 @@ def derive_adversarial(model, clip, concept: str, reg_scale: float, original=Non
     found = adversarial_from_grams(encoded.rows, gram_edited, gram_cross, reg_scale)
     report = reports.adversarial_report(
         concept, reg_scale,
-        reach_adversarial=_miss(gram_edited, gram_cross, gram_original, found, encoded.rows),
-        reach_plain=_miss(gram_edited, gram_cross, gram_original, encoded.rows, encoded.rows),
+        reach_adversarial=metrics.output_miss(gram_edited, gram_cross, gram_original, found, encoded.rows),
+        reach_plain=metrics.output_miss(gram_edited, gram_cross, gram_original, encoded.rows, encoded.rows),
         original_source=source,
     )
     extras = {} if pooled is None else {"pooled_output": pooled}
@@ -100,5 +92,4 @@ class RECEDeriveAdversarialEmbedding:
 
     def derive(self, model, clip, concept, reg_scale, original_model=None):
         with torch.inference_mode():
-            conditioning, report = derive_adversarial(model, clip, concept, reg_scale, original_model)
-        return conditioning, report
+            return derive_adversarial(model, clip, concept, reg_scale, original_model)

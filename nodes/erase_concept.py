@@ -137,8 +137,7 @@ class RECEEraseConcept:
         settings = resolve_settings(preset, self.METHOD == "RECE", lamb=lamb, erase_scale=erase_scale,
                                     preserve_scale=preserve_scale, reg_scale=reg_scale, epochs=epochs)
         with torch.inference_mode():
-            erased, report = erase_concepts(model, clip, self.METHOD, concepts, guide, preserve, preset, settings, strength)
-        return erased, report
+            return erase_concepts(model, clip, self.METHOD, concepts, guide, preserve, preset, settings, strength)
 
 
 class UCEEraseConcept(RECEEraseConcept):

@@ -38,17 +38,7 @@ def gram(weights: Iterable[torch.Tensor] | Mapping[str, torch.Tensor], device: t
     depends only on the original weights: callers compute it once per model.
     """
     matrices = list(weights.values() if isinstance(weights, Mapping) else weights)
-    if not matrices:
-        raise ValueError("no K/V weights given")
-    width = matrices[0].shape[1]
-    target = algebra_device(device or matrices[0].device)
-    total = torch.zeros(width, width, dtype=ALGEBRA_DTYPE, device=target)
-    for matrix in matrices:
-        if matrix.ndim != 2 or matrix.shape[1] != width:
-            raise ValueError(f"every K/V weight must be [d_out, {width}], got {tuple(matrix.shape)}")
-        w = matrix.to(device=target, dtype=ALGEBRA_DTYPE)
-        total += w.T @ w
-    return total
+    return cross_gram(matrices, matrices, device)
 
 
 @dataclass(frozen=True)
@@ -132,20 +122,25 @@ def cross_gram(
     right: Iterable[torch.Tensor] | Mapping[str, torch.Tensor],
     device: torch.device | None = None,
 ) -> torch.Tensor:
-    """``sum_l A_l^T B_l`` over paired matrices (float64 ``[d, d]``): with an
-    edited model's weights ``A`` and the original's ``B`` it is all the
-    adversarial solve needs when the edit is not one shared transform."""
+    """``sum_l A_l^T B_l`` over paired matrices (float64 ``[d, d]``, on the
+    algebra device of ``device`` or the first matrix). With an edited model's
+    weights ``A`` and the original's ``B`` it is all the adversarial solve
+    needs when the edit is not one shared transform; ``gram`` is ``A = B``."""
     lefts = list(left.values() if isinstance(left, Mapping) else left)
     rights = list(right.values() if isinstance(right, Mapping) else right)
-    if len(lefts) != len(rights) or not lefts:
-        raise ValueError(f"cross_gram needs matching non-empty weight lists, got {len(lefts)} and {len(rights)}")
+    if not lefts:
+        raise ValueError("no K/V weights given")
+    if len(lefts) != len(rights):
+        raise ValueError(f"cross_gram needs paired weight lists, got {len(lefts)} and {len(rights)} matrices")
     width = lefts[0].shape[1]
     target = algebra_device(device or lefts[0].device)
     total = torch.zeros(width, width, dtype=ALGEBRA_DTYPE, device=target)
     for a, b in zip(lefts, rights):
-        if a.shape != b.shape or a.ndim != 2 or a.shape[1] != width:
-            raise ValueError(f"paired weights must have equal [d_out, {width}] shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
-        total += as_algebra(a, target).T @ as_algebra(b, target)
+        if a.ndim != 2 or a.shape[1] != width or a.shape != b.shape:
+            raise ValueError(f"every K/V weight must be [d_out, {width}] (paired ones equal), "
+                             f"got {tuple(a.shape)} and {tuple(b.shape)}")
+        a64 = as_algebra(a, target)
+        total += a64.T @ (a64 if b is a else as_algebra(b, target))
     return total
 
 

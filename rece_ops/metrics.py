@@ -63,3 +63,19 @@ def adversarial_recovery(
     gap = _energy(gram_matrix, found @ transform.T - c) ** 0.5
     baseline = _energy(gram_matrix, t - c) ** 0.5
     return 1.0 - gap / baseline if baseline > 0 else 0.0
+
+
+def output_miss(
+    edited_gram: torch.Tensor, cross: torch.Tensor, original_gram: torch.Tensor,
+    rows: torch.Tensor, concept_rows: torch.Tensor,
+) -> float:
+    """``|A x - B c| / |B c|`` over all matrices, for edited weights ``A`` and
+    original weights ``B`` given as ``sum A^T A``, ``sum A^T B`` and
+    ``sum B^T B``: how far the edited model's outputs for ``rows`` (``x``)
+    are from the original's for ``concept_rows`` (``c``); 0 = identical."""
+    device = edited_gram.device
+    x, c = as_algebra(rows, device), as_algebra(concept_rows, device)
+    base = _energy(original_gram, c)
+    miss = (_energy(edited_gram, x) - 2 * float(torch.einsum("nd,de,ne->", x, as_algebra(cross, device), c))
+            + base)
+    return (max(miss, 0.0) / base) ** 0.5 if base > 0 else 0.0

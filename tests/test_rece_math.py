@@ -342,6 +342,25 @@ def test_gram_sums_every_matrix_and_checks_widths():
         gram([torch.zeros(4, 12), torch.zeros(4, 10)])
 
 
+def test_cross_gram_and_output_miss_match_the_per_layer_sums():
+    from rece_ops import metrics
+    from rece_ops.closed_form import adversarial_from_grams, cross_gram
+
+    generator = torch.Generator().manual_seed(15)
+    original = random_weights((5, 9, 7), 12, generator)
+    edited = {n: w + 0.1 * torch.randn(w.shape, generator=generator, dtype=F64) for n, w in original.items()}
+    assert relative_error(cross_gram(edited, original), sum(edited[n].T @ original[n] for n in original)) <= 1e-12
+    with pytest.raises(ValueError, match="paired"):
+        cross_gram(edited, list(original.values())[:2])
+    c = torch.randn(3, 12, generator=generator, dtype=F64)
+    x = adversarial_from_grams(c, gram(edited), cross_gram(edited, original), 0.1)
+    direct = (sum(((edited[n] @ x.T - original[n] @ c.T) ** 2).sum() for n in original)
+              / sum(((original[n] @ c.T) ** 2).sum() for n in original)) ** 0.5
+    miss = metrics.output_miss(gram(edited), cross_gram(edited, original), gram(original), x, c)
+    assert miss == pytest.approx(float(direct), rel=1e-9)
+    assert miss < metrics.output_miss(gram(edited), cross_gram(edited, original), gram(original), c, c)
+
+
 # ---------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------
