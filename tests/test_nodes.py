@@ -149,11 +149,16 @@ def test_strength_scales_the_edit(pack, glue, slim_sd15):
     assert changed[0] == pytest.approx(changed[1] / 2, abs=0.01)  # |W (T_s - I)| is linear in s
 
 
-def test_erase_node_leaves_the_input_model_bit_identical(pack, comfy_nodes, slim_sd15, model_fingerprint):
+def test_every_node_leaves_its_input_models_bit_identical(pack, comfy_nodes, slim_sd15, model_fingerprint):
     model, clip, _ = slim_sd15
     before_hash = model_fingerprint(model)
     before = sample(comfy_nodes, model, clip)
     erased, _ = rece_node(pack, model, clip)
+    uce_erased, _ = uce_node(pack, model, clip)
+    erased_hash = model_fingerprint(erased)
+    derive_node(pack, erased, clip)
+    derive_node(pack, uce_erased, clip, original=model)
+    assert model_fingerprint(erased) == erased_hash
     erased_latent = sample(comfy_nodes, erased, clip)
     after = sample(comfy_nodes, model, clip)
     assert model_fingerprint(model) == before_hash
