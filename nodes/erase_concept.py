@@ -103,7 +103,9 @@ def erase_concepts(
 
     started = time.perf_counter()
     erased = model_weights.patched_clone(model, erasure.deltas(weights), strength)
-    remember_erasure(erased, model, ErasureRecord(method, erasure, strength, tuple(keys)))
+    remember_erasure(erased, model, ErasureRecord(
+        erasure, strength, tuple(keys), tuple(rece_ops.kv_fingerprint(weights)),
+        (rece_ops.describe(erasure, method, 1.0),)))
     seconds["patches"] = time.perf_counter() - started
     progress(settings.epochs + 2, settings.epochs + 2)
 

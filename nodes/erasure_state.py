@@ -2,13 +2,15 @@
 
 Kept as ModelPatcher attachments, which ``clone()`` carries along: the MODEL
 as it was before the first erasure in the graph (the default "original" of
-Derive Adversarial Embedding) and a record of every erasure applied.
+Derive Adversarial Embedding) and a record of every erasure applied (what
+Save Erasure and Export Erasure as LoRA write out).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
-from ..rece_ops import Erasure
+from ..rece_ops import Erasure, chain
 
 ORIGINAL_KEY = "rece_original_model"
 RECORDS_KEY = "rece_erasures"
@@ -16,12 +18,22 @@ RECORDS_KEY = "rece_erasures"
 
 @dataclass(frozen=True)
 class ErasureRecord:
-    """One erasure node's result, as applied to the MODEL."""
+    """One erasure as applied to the MODEL: ``W -> W @ T`` at ``strength``.
 
-    method: str  # "RECE" or "UCE"
+    ``fingerprint`` is ``kv_fingerprint`` of the weights the erasure was
+    computed on; ``descriptions`` are its file entries (one for an erase node,
+    all of a loaded file's), each at full strength.
+    """
+
     erasure: Erasure
     strength: float
     kv_keys: tuple[str, ...]
+    fingerprint: tuple[float, ...]
+    descriptions: tuple[Mapping[str, Any], ...]
+
+    def described(self) -> list[dict[str, Any]]:
+        """The descriptions with this record's strength folded in."""
+        return [{**d, "strength": d.get("strength", 1.0) * self.strength} for d in self.descriptions]
 
 
 def original_model(model):
@@ -33,7 +45,18 @@ def erasure_records(model) -> tuple[ErasureRecord, ...]:
     return model.get_attachment(RECORDS_KEY) or ()
 
 
+def combined_erasure(records: tuple[ErasureRecord, ...]) -> Erasure:
+    """All recorded erasures, each at its strength, as one edit."""
+    return chain([r.erasure for r in records], [r.strength for r in records])
+
+
+def remember_original(patched, source) -> None:
+    """Mark ``patched`` (a fresh clone of ``source``) as derived from the
+    original model of ``source``, without recording an erasure."""
+    patched.set_attachments(ORIGINAL_KEY, original_model(source) or source)
+
+
 def remember_erasure(erased, source, record: ErasureRecord) -> None:
     """Mark ``erased`` (a fresh clone of ``source``) with ``record``."""
-    erased.set_attachments(ORIGINAL_KEY, original_model(source) or source)
+    remember_original(erased, source)
     erased.set_attachments(RECORDS_KEY, erasure_records(source) + (record,))

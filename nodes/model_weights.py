@@ -25,14 +25,18 @@ def kv_keys(model) -> list[str]:
         raise ValueError("no MODEL connected: connect the MODEL output of a checkpoint loader")
     keys = [k for k in model.model_state_dict(DIFFUSION_PREFIX) if k.endswith(KV_SUFFIXES)]
     if not keys:
-        inner = getattr(model, "model", model)
-        family = type(getattr(inner, "model_config", inner)).__name__
         raise ValueError(
-            f"this MODEL ({family}) has no cross-attention key/value projections that read the text "
+            f"this MODEL ({family_name(model)}) has no cross-attention key/value projections that read the text "
             "(attn2.to_k / attn2.to_v): RECE edits UNet models with cross-attention; supported: SD1.x "
             "(SD 1.4, 1.5 and their fine-tunes). Flux, SD3 and other transformer models cannot be erased this way"
         )
     return sorted(keys)
+
+
+def family_name(model) -> str:
+    """ComfyUI's name for the model's family (its model config class, e.g. SD15)."""
+    inner = getattr(model, "model", model)
+    return type(getattr(inner, "model_config", inner)).__name__
 
 
 def check_text_width(width: int, weights: Mapping[str, torch.Tensor]) -> None:
@@ -48,16 +52,26 @@ def check_text_width(width: int, weights: Mapping[str, torch.Tensor]) -> None:
 def effective_kv_weights(model, device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """``{key: W}`` float32 on ``device`` (default: ComfyUI's torch device),
     with all of the model's patches applied; the model is not modified."""
+    return _kv_weights(model, device, with_patches=True)
+
+
+def stored_kv_weights(model, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """``{key: W}`` float32 on ``device``: the K/V weights as stored, without
+    the model's patches (what a file of full weights replaces)."""
+    return _kv_weights(model, device, with_patches=False)
+
+
+def _kv_weights(model, device: torch.device | None, with_patches: bool) -> dict[str, torch.Tensor]:
     device = device or comfy.model_management.get_torch_device()
     patches = model.get_key_patches(DIFFUSION_PREFIX)
     weights: dict[str, torch.Tensor] = {}
     for key in kv_keys(model):
         (base, convert), *rest = patches[key]
         weight = convert(base.to(device=device, dtype=torch.float32, copy=True), inplace=True)
-        if rest:
+        if rest and with_patches:
             weight = comfy.lora.calculate_weight(rest, weight, key)
         if not torch.isfinite(weight).all():
-            raise ValueError(f"the model's weight {key} has NaN or infinite values; nothing was erased")
+            raise ValueError(f"the model's weight {key} has NaN or infinite values; nothing was changed")
         weights[key] = weight
     return weights
 

@@ -13,16 +13,24 @@ Typical use::
 Inputs are K/V weights ``{name: [d_out, d]}`` and encoded texts
 (``EncodedText``: encoder rows plus word count). The result, ``Erasure``,
 holds one ``d x d`` transform per step; every matrix of the model is
-``W @ T`` afterwards.
+``W @ T`` afterwards. It can be saved as a small erasure file
+(``save_erasure_file`` / ``load_erasure_file``) or exported as an exact LoRA
+(``lora_factors``, ``lora_state_dict``).
 """
+__version__ = "0.2.0"
+
 from .closed_form import EditStep, adversarial_embedding, gram, uce_step
-from .erasure import Erasure
+from .erasure import Erasure, chain
+from .erasure_file import ErasureFile, describe, load_erasure_file, save_erasure_file
+from .fingerprint import fingerprints_match, kv_fingerprint
+from .lora_export import LoraFactors, lora_factors, lora_state_dict
 from .loop import erase
 from .settings import I2P_CONCEPTS, PRESETS, Preset, RECESettings, preset
 from .texts import EncodedText, count_words, preserve_prompts, split_concepts, uce_erase_rows
 
 __all__ = [
-    "EditStep", "EncodedText", "Erasure", "I2P_CONCEPTS", "PRESETS", "Preset", "RECESettings",
-    "adversarial_embedding", "count_words", "erase", "gram", "preserve_prompts", "preset",
-    "split_concepts", "uce_erase_rows", "uce_step",
+    "__version__", "EditStep", "EncodedText", "Erasure", "ErasureFile", "I2P_CONCEPTS", "LoraFactors", "PRESETS", "Preset",
+    "RECESettings", "adversarial_embedding", "chain", "count_words", "describe", "erase", "fingerprints_match",
+    "gram", "kv_fingerprint", "load_erasure_file", "lora_factors", "lora_state_dict", "preserve_prompts",
+    "preset", "save_erasure_file", "split_concepts", "uce_erase_rows", "uce_step",
 ]

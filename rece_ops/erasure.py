@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -137,3 +137,24 @@ class Erasure:
         if not 0 <= r <= s.numel():
             raise ValueError(f"rank must be between 0 and {s.numel()}, got {r}")
         return u[:, :r] * s[:r], vh[:r]
+
+
+def chain(erasures: Sequence[Erasure], strengths: Sequence[float] | None = None) -> Erasure:
+    """Erasures applied one after another (each at its strength) as one value.
+
+    ``W -> W @ T_1s @ T_2s ...``: each part's edit, scaled, becomes one step,
+    so the chain's factors, rank and transform follow as for any Erasure.
+    Texts and settings are the first part's; keep per-part descriptions
+    elsewhere when they matter.
+    """
+    if not erasures:
+        raise ValueError("nothing to chain: no erasures given")
+    strengths = [1.0] * len(erasures) if strengths is None else list(strengths)
+    if len(strengths) != len(erasures):
+        raise ValueError(f"{len(erasures)} erasures but {len(strengths)} strengths")
+    steps = tuple(e.scaled(s).steps[0] for e, s in zip(erasures, strengths))
+    if len({step.up.shape[0] for step in steps}) > 1:
+        raise ValueError("these erasures are for different context widths and cannot be chained")
+    first = erasures[0]
+    return Erasure(steps=steps, settings=first.settings, concepts=first.concepts, guides=first.guides,
+                   preserves=first.preserves)

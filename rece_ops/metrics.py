@@ -2,9 +2,12 @@
 
 Every quantity summed over all K/V matrices, ``sum_l |W_l X|_F^2``, equals
 ``trace(X^T G X)``, so these report numbers cost ``d x d`` algebra only, no
-per-layer work.
+per-layer work. The last two compare weight sets directly, matrix by matrix
+(for files and models whose edit is not a known transform).
 """
 from __future__ import annotations
+
+from typing import Mapping
 
 import torch
 
@@ -79,3 +82,26 @@ def output_miss(
     miss = (_energy(edited_gram, x) - 2 * float(torch.einsum("nd,de,ne->", x, as_algebra(cross, device), c))
             + base)
     return (max(miss, 0.0) / base) ** 0.5 if base > 0 else 0.0
+
+
+def relative_differences(
+    weights: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]
+) -> dict[str, float]:
+    """``|W - W_ref|_F / |W_ref|_F`` per matrix name that both hold."""
+    out = {}
+    for name in sorted(set(weights) & set(reference)):
+        ref = reference[name].float()
+        diff = weights[name].float().to(ref.device) - ref
+        scale = float(ref.norm())
+        out[name] = float(diff.norm()) / scale if scale > 0 else float(diff.norm())
+    return out
+
+
+def overall_difference(weights: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
+    """``sqrt(sum |W - W_ref|^2 / sum |W_ref|^2)`` over the matrices both hold."""
+    num = den = 0.0
+    for name in set(weights) & set(reference):
+        ref = reference[name].float()
+        num += float((weights[name].float().to(ref.device) - ref).norm()) ** 2
+        den += float(ref.norm()) ** 2
+    return (num / den) ** 0.5 if den > 0 else num ** 0.5
