@@ -25,9 +25,10 @@ from .progress import check_cancel
 # Names are matched after dropping one of these (diffusers pipelines save
 # "unet.", ldm checkpoints "model.diffusion_model.").
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "unet.", "model.")
-# A K/V change this large is not an erasure of this model: the file was made
-# from another base model (an erasure moves the weights by a few percent).
-OTHER_BASE_CHANGE = 0.25
+# Every UCE/RECE edit is W -> W @ T with one T for all matrices; a file whose
+# change from this model is far from that was made from another base model.
+# (Half-precision storage of a real erasure leaves about 1% unexplained.)
+OTHER_BASE_UNEXPLAINED = 0.1
 
 
 def kv_weights_in_file(model, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
@@ -71,16 +72,19 @@ def load_published(model, file_name: str, strength: float) -> tuple[object, str]
     deltas = {k: published[k] - stored[k] for k in found}
     patched = model_weights.patched_clone(model, deltas, strength)
     remember_original(patched, model)
-    change = metrics.overall_difference(published, {k: stored[k] for k in found})
+    base = {k: stored[k] for k in found}
+    change = metrics.overall_difference(published, base)
+    unexplained = metrics.unexplained_change(base, published)
     lines = [f"applied {file_name} at strength {strength}: {len(found)} of {len(keys)} K/V matrices "
              f"(the file's other {ignored} tensors are not used)" if ignored else
              f"applied {file_name} at strength {strength}: {len(found)} of {len(keys)} K/V matrices",
-             f"the file's K/V weights differ from this model's by {100 * change:.2f}%"]
+             f"the file's K/V weights differ from this model's by {100 * change:.2f}%; {100 * unexplained:.1f}% of that "
+             "change is not an edit of this model's own weights (about 0% for an erasure made from this model)"]
     if len(found) < len(keys):
         lines.append(f"warning: the file has no weights for {len(keys) - len(found)} K/V matrices; they are unchanged")
-    if change > OTHER_BASE_CHANGE:
-        lines.append("warning: that is far more than an erasure changes (a few %): the file was probably made from "
-                     "another base model, and applying it brings that model's K/V weights along")
+    if unexplained > OTHER_BASE_UNEXPLAINED:
+        lines.append("warning: the file was probably made from another base model; applying it brings that model's "
+                     "K/V weights along, not only its erasure. Load it on the model it was made from")
     return patched, "\n".join(lines)
 
 

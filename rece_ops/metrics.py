@@ -11,7 +11,7 @@ from typing import Mapping
 
 import torch
 
-from .closed_form import adversarial_embedding, as_algebra
+from .closed_form import adversarial_embedding, as_algebra, cross_gram
 from .erasure import Erasure
 
 
@@ -105,3 +105,27 @@ def overall_difference(weights: Mapping[str, torch.Tensor], reference: Mapping[s
         num += float((weights[name].float().to(ref.device) - ref).norm()) ** 2
         den += float(ref.norm()) ** 2
     return (num / den) ** 0.5 if den > 0 else num ** 0.5
+
+
+def unexplained_change(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> float:
+    """Share of the change ``after - before`` that no shared input transform
+    explains: ``min_T sqrt(sum |W_b T - W_a|^2) / sqrt(sum |W_a - W_b|^2)``.
+
+    Any UCE/RECE edit of ``before`` is ``W_b @ T`` exactly, so this is about 0
+    for an erasure made from these weights and large for weights that come
+    from another base model (their difference has no common input space).
+    """
+    names = sorted(set(before) & set(after))
+    if not names:
+        raise ValueError("no matrices in common to compare")
+    b = [before[n] for n in names]
+    a = [after[n] for n in names]
+    g, c = cross_gram(b, b), cross_gram(b, a)
+    # A whisper of ridge keeps the solve defined when sum d_out < d.
+    ridge = 1e-12 * float(torch.trace(g)) / g.shape[0]
+    transform = torch.linalg.solve(g + ridge * torch.eye(g.shape[0], dtype=g.dtype, device=g.device), c)
+    energy_after = sum(float(as_algebra(w, g.device).square().sum()) for w in a)
+    residual = (float(torch.einsum("ij,ik,kj->", transform, g, transform)) - 2 * float((transform * c).sum())
+                + energy_after)
+    change = sum(float((as_algebra(x, g.device) - as_algebra(y, g.device)).square().sum()) for x, y in zip(a, b))
+    return (max(residual, 0.0) / change) ** 0.5 if change > 0 else 0.0

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rece_ops import RECESettings, chain, describe, kv_fingerprint, load_erasure_file, save_erasure_file
+from rece_ops import RECESettings, metrics, chain, describe, kv_fingerprint, load_erasure_file, save_erasure_file
 from rece_ops.erasure_file import DOWN_KEY, METADATA_KEY, UP_KEY
 from rece_ops.fingerprint import fingerprint_difference, fingerprints_match
 from rece_ops.lora_export import lora_factors, lora_state_dict
@@ -204,3 +204,11 @@ def test_lora_of_an_erasure_that_changes_nothing_is_refused(problem):
     nothing = run_fast(problem, RECESettings(erase_scale=0.0, epochs=0))
     with pytest.raises(ValueError, match="changes nothing"):
         lora_factors(weights, nothing)
+
+
+def test_unexplained_change_is_zero_for_an_erasure_and_large_for_other_weights(problem, erasure):
+    weights = weights32(problem)
+    assert metrics.unexplained_change(weights, erasure.apply(weights)) < 1e-4
+    generator = torch.Generator().manual_seed(9)
+    other = {k: w + 0.1 * torch.randn(w.shape, generator=generator) for k, w in weights.items()}
+    assert metrics.unexplained_change(weights, other) > 0.5

@@ -16,6 +16,11 @@ NODE_NAMES = {
     "RECEEraseConcept": "RECE Erase Concept",
     "UCEEraseConcept": "UCE Erase Concept",
     "RECEDeriveAdversarialEmbedding": "Derive Adversarial Embedding",
+    "RECESaveErasure": "Save Erasure",
+    "RECELoadErasure": "Load Erasure",
+    "RECEExportErasureLoRA": "Export Erasure as LoRA",
+    "RECELoadPublishedErasure": "Load Published Erasure",
+    "RECECompareKVWeights": "Compare Cross-Attention Weights",
 }
 NUDITY = dict(lamb=0.1, erase_scale=1.0, preserve_scale=0.1, reg_scale=0.1)
 
