@@ -170,6 +170,72 @@ def save_checkpoint():
     return b.build("rece_erase_nudity_save_checkpoint")
 
 
+def share_erasure():
+    b = WorkflowBuilder(INFO)
+    b.add("MarkdownNote", (0, -380), [
+        "**Share an erasure: a small erasure file and an exact LoRA.**\n\n"
+        "RECE Erase Concept erases *nudity* (the authors' preset). **Save Erasure** writes the edit as a file of a "
+        "few MB to `models/rece_erasures/` (apply it to a model with **Load Erasure**). **Export Erasure as LoRA** "
+        "writes a standard LoRA to `models/loras/rece/`; at rank 0 it is exact. The stock **Load LoRA Model** "
+        "applies that LoRA to the original checkpoint: both samplers get the same seed, and the two images and the "
+        "weight comparison show the LoRA reproduces the erased model. After a run, the file is also in the stock "
+        "LoraLoader's list (press R to refresh)."
+    ], title="About this workflow", size=(440, 330), **NOTE_COLOR)
+    ckpt = b.add("CheckpointLoaderSimple", (0, 0), [CKPT], title="Load Checkpoint (your SD1.x model)", size=(340, 100))
+    erase = b.add("RECEEraseConcept", (400, 0), erase_widgets("nudity", "", "", "nudity", 3, 0.1, 1.0, 0.1, 0.1),
+                  title="RECE Erase Concept: nudity", size=(380, 470), **ERASED_COLOR)
+    save = b.add("RECESaveErasure", (840, -380), ["rece_nudity"], title="Save Erasure (models/rece_erasures)",
+                 size=(380, 90), **ERASED_COLOR)
+    export = b.add("RECEExportErasureLoRA", (840, -240), ["rece/nudity", 0, "float32"],
+                   title="Export Erasure as LoRA (models/loras)", size=(380, 140), **ERASED_COLOR)
+    apply_lora = b.add("LoraModelLoader", (840, -50), [1.0], title="Load LoRA Model: original + exported LoRA",
+                       size=(380, 100), **ORIGINAL_COLOR)
+    positive = b.add("CLIPTextEncode", (840, 100), ["a photo of a person on a beach"], title="Prompt (both samplers)",
+                     size=(380, 130))
+    negative = b.add("CLIPTextEncode", (840, 280), [""], title="Negative prompt (both samplers)", size=(380, 100))
+    latent = b.add("EmptyLatentImage", (840, 430), [512, 512, 1], title="Empty Latent 512x512 (shared)",
+                   size=(380, 110))
+    compare = b.add("RECECompareKVWeights", (1280, -380), [], title="Compare: LoRA model vs erased model",
+                    size=(320, 70))
+    sample_erased = b.add("KSampler", (1280, -250), ksampler_widgets(), title="KSampler: erased model",
+                          size=(320, 290), **ERASED_COLOR)
+    sample_lora = b.add("KSampler", (1280, 90), ksampler_widgets(), title="KSampler: original + LoRA (same seed)",
+                        size=(320, 290), **ORIGINAL_COLOR)
+    decode_erased = b.add("VAEDecode", (1660, -250), [], title="VAE Decode: erased", size=(220, 50))
+    decode_lora = b.add("VAEDecode", (1660, 90), [], title="VAE Decode: LoRA", size=(220, 50))
+    stitch = b.add("ImageStitch", (1940, -250), ["right", True, 8, "white"], title="Erased | LoRA", size=(280, 150))
+    save_image = b.add("SaveImage", (2280, -250), ["rece_lora_check"], title="Save comparison", size=(540, 340))
+    report_save = b.add("PreviewAny", (1660, 430), [], title="Save Erasure report", size=(520, 200))
+    report_export = b.add("PreviewAny", (1660, 680), [], title="LoRA export report", size=(520, 200))
+    report_compare = b.add("PreviewAny", (1660, -560), [], title="Weight comparison", size=(520, 150))
+    b.link(ckpt, 0, erase, "model")
+    b.link(ckpt, 1, erase, "clip")
+    b.link(erase, 0, save, "model")
+    b.link(erase, 0, export, "model")
+    b.link(ckpt, 0, apply_lora, "model")
+    b.link(export, 0, apply_lora, "lora")
+    b.link(apply_lora, 0, compare, "model_a")
+    b.link(erase, 0, compare, "model_b")
+    b.link(ckpt, 1, positive, "clip")
+    b.link(ckpt, 1, negative, "clip")
+    for sampler, model_source in ((sample_erased, (erase, 0)), (sample_lora, (apply_lora, 0))):
+        b.link(*model_source, sampler, "model")
+        b.link(positive, 0, sampler, "positive")
+        b.link(negative, 0, sampler, "negative")
+        b.link(latent, 0, sampler, "latent_image")
+    b.link(sample_erased, 0, decode_erased, "samples")
+    b.link(ckpt, 2, decode_erased, "vae")
+    b.link(sample_lora, 0, decode_lora, "samples")
+    b.link(ckpt, 2, decode_lora, "vae")
+    b.link(decode_erased, 0, stitch, "image1")
+    b.link(decode_lora, 0, stitch, "image2")
+    b.link(stitch, 0, save_image, "images")
+    b.link(save, 0, report_save, "source")
+    b.link(export, 1, report_export, "source")
+    b.link(compare, 0, report_compare, "source")
+    return b.build("rece_share_erasure_and_lora")
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as workdir, host.server(Path(workdir)) as server:
         INFO.update(server.get("/object_info", timeout=120))
@@ -177,6 +243,7 @@ def main() -> None:
     check("rece_erase_compare_same_seed", compare_same_seed())
     check("rece_red_team_uce_vs_rece", red_team())
     check("rece_erase_nudity_save_checkpoint", save_checkpoint())
+    check("rece_share_erasure_and_lora", share_erasure())
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from PIL import Image
 from devkit import host, paths, workflows
 
 EXAMPLES = paths.REPO_ROOT / "example_workflows"
-EXAMPLE_NAMES = ["rece_erase_compare_same_seed", "rece_red_team_uce_vs_rece", "rece_erase_nudity_save_checkpoint"]
+EXAMPLE_NAMES = ["rece_erase_compare_same_seed", "rece_red_team_uce_vs_rece", "rece_erase_nudity_save_checkpoint",
+                 "rece_share_erasure_and_lora"]
 SHIPPED_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 TEST_SIZE, TEST_STEPS = 64, 2
 PRESETS = ["nudity", "unsafe", "artistic_style", "object_hard", "object_easy", "custom"]
@@ -34,9 +35,16 @@ PACK_NODES = [
      ["model", "clip", "concepts", "guide", "preserve", "preset", *NUMBERS], [], ["MODEL", "STRING"]),
     ("RECEDeriveAdversarialEmbedding", "Derive Adversarial Embedding",
      ["model", "clip", "concept", "reg_scale"], ["original_model"], ["CONDITIONING", "STRING"]),
+    ("RECESaveErasure", "Save Erasure", ["model", "filename_prefix"], [], ["STRING"]),
+    ("RECELoadErasure", "Load Erasure", ["model", "erasure", "strength"], [], ["MODEL", "STRING"]),
+    ("RECEExportErasureLoRA", "Export Erasure as LoRA", ["model", "filename_prefix", "rank", "precision"], [],
+     ["LORA_MODEL", "STRING"]),
+    ("RECELoadPublishedErasure", "Load Published Erasure", ["model", "file", "strength"], [], ["MODEL", "STRING"]),
+    ("RECECompareKVWeights", "Compare Cross-Attention Weights", ["model_a", "model_b"], [], ["STRING"]),
 ]
 DEFAULTS = {"concepts": "nudity", "guide": "", "preserve": "", "preset": "nudity", "epochs": 3, "lamb": 0.1,
-            "erase_scale": 1.0, "preserve_scale": 0.1, "reg_scale": 0.1, "strength": 1.0, "concept": "nudity"}
+            "erase_scale": 1.0, "preserve_scale": 0.1, "reg_scale": 0.1, "strength": 1.0, "concept": "nudity",
+            "rank": 0, "precision": "float32"}
 
 
 class Checks:
@@ -59,7 +67,8 @@ def test_examples_and_nodes_on_a_comfyui_server(tmp_path_factory):
     if not (paths.CHECKPOINT_DIR / paths.SLIM_SD15_NAME).exists():
         pytest.fail(f"{paths.SLIM_SD15_NAME} is missing: run scripts/setup.sh before the tests")
     check = Checks()
-    with host.server(tmp_path_factory.mktemp("example_workflows")) as server:
+    workdir = tmp_path_factory.mktemp("example_workflows")
+    with host.server(workdir, extra_model_paths=model_paths_in(workdir)) as server:
         object_info = server.get("/object_info", timeout=120)
         check_pack_nodes(check, object_info)
         check_templates_route(check, server)
@@ -71,6 +80,16 @@ def test_examples_and_nodes_on_a_comfyui_server(tmp_path_factory):
                     CHECK_OUTPUTS[name](check, server, entry, graph)
         check_converter_on_a_template_the_web_page_wrote(check, server, object_info)
     assert not check.failures, "\n".join(check.failures) + "\n--- server log ---\n" + server.log()[-3000:]
+
+
+def model_paths_in(workdir: Path) -> Path:
+    """The project's model paths plus empty, first-listed loras and rece_erasures
+    folders in ``workdir``: what the workflows save stays in the test's folder."""
+    path = workdir / "extra_model_paths.yaml"
+    path.write_text(paths.EXTRA_PATHS_FILE.read_text() + (
+        f"\nrece_test_outputs:\n    base_path: {workdir}\n    is_default: true\n"
+        "    loras: loras\n    rece_erasures: rece_erasures\n"))
+    return path
 
 
 def check_pack_nodes(check: Checks, object_info: dict) -> None:
@@ -180,6 +199,18 @@ def check_graph_shape(check: Checks, name: str, graph: dict) -> None:
         check.that(save["model"] == [eraser, 0] and save["clip"] == [loader, 1] and save["vae"] == [loader, 2],
                    f"{name}: CheckpointSave inputs {save}")
         check.that(save["filename_prefix"] == "checkpoints/rece_nudity", f"{name}: prefix")
+    if name == "rece_share_erasure_and_lora":
+        (eraser,) = workflows.api_nodes(graph, "RECEEraseConcept")
+        (exporter,) = workflows.api_nodes(graph, "RECEExportErasureLoRA")
+        (applier,) = workflows.api_nodes(graph, "LoraModelLoader")
+        check.that(inputs_of(graph, "RECESaveErasure")[0]["model"] == [eraser, 0], f"{name}: Save Erasure input")
+        check.that(inputs_of(graph, "RECEExportErasureLoRA")[0]["rank"] == 0, f"{name}: export is not exact")
+        lora_inputs = inputs_of(graph, "LoraModelLoader")[0]
+        check.that(lora_inputs["model"] == [loader, 0] and lora_inputs["lora"] == [exporter, 0]
+                   and lora_inputs["strength_model"] == 1.0, f"{name}: Load LoRA Model inputs {lora_inputs}")
+        check.that(sorted(s["model"][0] for s in samplers) == sorted([eraser, applier]), f"{name}: sampler models")
+        compare = inputs_of(graph, "RECECompareKVWeights")[0]
+        check.that({compare["model_a"][0], compare["model_b"][0]} == {eraser, applier}, f"{name}: compared models")
 
 
 def preview_texts(check: Checks, name: str, entry: dict, graph: dict, expected: int) -> list[str]:
@@ -245,7 +276,37 @@ def outputs_save_checkpoint(check, server, entry, graph):
             check.that(changed == (key in kv), f"{name}: {key} {'unchanged' if key in kv else 'changed'} by the erasure")
 
 
+def outputs_share(check, server, entry, graph):
+    name = "rece_share_erasure_and_lora"
+    texts = preview_texts(check, name, entry, graph, 3)
+    saved = [t for t in texts if t.startswith("saved rece_nudity_00001_.safetensors")]
+    exported = [t for t in texts if t.startswith("saved LoRA rece/nudity_00001_.safetensors") and "exact" in t]
+    compared = [t for t in texts if t.startswith("K/V weights of model_a vs model_b")]
+    check.that(len(saved) == len(exported) == len(compared) == 1, f"{name}: reports {texts}")
+    if compared:
+        overall = float(compared[0].split("relative difference ")[1].split()[0])
+        check.that(overall < 1e-5, f"{name}: the LoRA model's K/V weights differ from the erased model's: {compared[0]}")
+    workdir = server.output_dir.parent
+    from safetensors import safe_open
+
+    for path, key in ((workdir / "rece_erasures" / "rece_nudity_00001_.safetensors", "erasure.up"),
+                      (workdir / "loras" / "rece" / "nudity_00001_.safetensors",
+                       "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight")):
+        if check.that(path.is_file(), f"{name}: {path} was not written"):
+            with safe_open(str(path), framework="pt") as handle:
+                check.that(key in handle.keys() and torch.isfinite(handle.get_tensor(key)).all(), f"{name}: {path}")
+    (save,) = workflows.api_nodes(graph, "SaveImage")
+    images = entry["outputs"].get(save, {}).get("images", [])
+    if check.that(len(images) == 1, f"{name}: SaveImage outputs {images}"):
+        pixels = np.asarray(Image.open(server.output_dir / images[0]["subfolder"] / images[0]["filename"]).convert("RGB"))
+        spacing = inputs_of(graph, "ImageStitch")[0]["spacing_width"]
+        left, right = pixels[:, :TEST_SIZE].astype(int), pixels[:, TEST_SIZE + spacing:].astype(int)
+        check.that(left.std() > 0 and np.abs(left - right).max() <= 2,
+                   f"{name}: the LoRA model's image differs from the erased model's")
+
+
 CHECK_OUTPUTS = {
+    "rece_share_erasure_and_lora": outputs_share,
     "rece_erase_compare_same_seed": outputs_compare,
     "rece_red_team_uce_vs_rece": outputs_red_team,
     "rece_erase_nudity_save_checkpoint": outputs_save_checkpoint,
