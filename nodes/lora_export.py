@@ -54,8 +54,8 @@ def export_lora(model, filename_prefix: str, rank: int, precision: str) -> tuple
     }
     path = folders.save_new(folders.LORAS, filename_prefix, lambda p: write_new_safetensors(p, lora, metadata))
     exact = erasure.rank()
-    fidelity = (f"exact (rank {factors.rank} = the edit's numerical rank): relative error "
-                f"{factors.relative_error:.2e}" if factors.rank == exact else
+    fidelity = (f"full rank {factors.rank} (= the edit's numerical rank: exact but for {precision} rounding), "
+                f"relative error of the K/V change {factors.relative_error:.2e}" if factors.rank == exact else
                 f"rank {factors.rank} of the edit's {exact}: relative error of the K/V change "
                 f"{factors.relative_error:.4f} overall, worst matrix {factors.worst_relative_error:.4f}")
     report = (f"saved LoRA {folders.display_name(folders.LORAS, path)} ({path.stat().st_size / 2**20:.1f} MiB, "

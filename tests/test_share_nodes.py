@@ -213,7 +213,7 @@ def test_exported_lora_in_the_stock_lora_loader_reproduces_the_erased_model(pack
     assert len(keys) == 3 * len(target)
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight" in keys
     assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v.alpha" in keys
-    assert f"rank {rank} = the edit's numerical rank" in report
+    assert f"full rank {rank} (= the edit's numerical rank" in report
 
 
 @pytest.mark.parametrize("rank, precision", [(8, "float32"), (64, "float16")])
