@@ -46,6 +46,29 @@ def check(name, workflow):
     print("wrote", path)
 
 
+def loader(b, pos):
+    return b.add("CheckpointLoaderSimple", pos, [CKPT], title="Load Checkpoint (your SD1.x model)", size=(340, 100))
+
+
+def nudity_rece(b, pos):
+    return b.add("RECEEraseConcept", pos, erase_widgets("nudity", "", "", "nudity", 3, 0.1, 1.0, 0.1, 0.1),
+                 title="RECE Erase Concept: nudity", size=(380, 470), **ERASED_COLOR)
+
+
+def decode_side_by_side(b, ckpt, samplers, x, labels, stitch_title, save_prefix, save_title):
+    """VAE Decode each sampler's latent, stitch them left to right, save the image."""
+    ys = [b.nodes[s - 1]["pos"][1] for s in samplers]
+    decodes = [b.add("VAEDecode", (x, y), [], title=f"VAE Decode: {label}", size=(220, 50))
+               for y, label in zip(ys, labels)]
+    stitch = b.add("ImageStitch", (x + 280, ys[0]), ["right", True, 8, "white"], title=stitch_title, size=(280, 150))
+    save = b.add("SaveImage", (x + 620, ys[0]), [save_prefix], title=save_title, size=(540, 340))
+    for sampler, decode, slot in zip(samplers, decodes, ("image1", "image2")):
+        b.link(sampler, 0, decode, "samples")
+        b.link(ckpt, 2, decode, "vae")
+        b.link(decode, 0, stitch, slot)
+    b.link(stitch, 0, save, "images")
+
+
 def compare_same_seed():
     b = WorkflowBuilder(INFO)
     b.add("MarkdownNote", (0, -330), [
@@ -54,7 +77,7 @@ def compare_same_seed():
         "artistic-style preset). Both KSamplers get the same prompt, latent and fixed seed: the left image comes "
         "from the original model, the right one from the erased model. The report shows how far the erasure went."
     ], title="About this workflow", size=(420, 250), **NOTE_COLOR)
-    ckpt = b.add("CheckpointLoaderSimple", (0, 0), [CKPT], title="Load Checkpoint (your SD1.x model)", size=(340, 100))
+    ckpt = loader(b, (0, 0))
     erase = b.add("RECEEraseConcept", (400, 0), erase_widgets(
         "Van Gogh", "art", "", "artistic_style", 1, 0.1, 1.0, 0.1, 0.001), title="RECE Erase Concept: Van Gogh",
         size=(380, 470), **ERASED_COLOR)
@@ -68,11 +91,8 @@ def compare_same_seed():
                             size=(320, 290), **ORIGINAL_COLOR)
     sample_erased = b.add("KSampler", (1300, 340), ksampler_widgets(), title="KSampler: erased model (same seed)",
                           size=(320, 290), **ERASED_COLOR)
-    decode_original = b.add("VAEDecode", (1680, 0), [], title="VAE Decode: original", size=(220, 50))
-    decode_erased = b.add("VAEDecode", (1680, 340), [], title="VAE Decode: erased", size=(220, 50))
-    stitch = b.add("ImageStitch", (1960, 0), ["right", True, 8, "white"], title="Original | Erased",
-                   size=(280, 150))
-    save = b.add("SaveImage", (2300, 0), ["rece_compare"], title="Save comparison", size=(540, 340))
+    decode_side_by_side(b, ckpt, (sample_original, sample_erased), 1680, ("original", "erased"), "Original | Erased",
+                        "rece_compare", "Save comparison")
     b.link(ckpt, 0, erase, "model")
     b.link(ckpt, 1, erase, "clip")
     b.link(ckpt, 1, positive, "clip")
@@ -83,13 +103,6 @@ def compare_same_seed():
         b.link(positive, 0, sampler, "positive")
         b.link(negative, 0, sampler, "negative")
         b.link(latent, 0, sampler, "latent_image")
-    b.link(sample_original, 0, decode_original, "samples")
-    b.link(ckpt, 2, decode_original, "vae")
-    b.link(sample_erased, 0, decode_erased, "samples")
-    b.link(ckpt, 2, decode_erased, "vae")
-    b.link(decode_original, 0, stitch, "image1")
-    b.link(decode_erased, 0, stitch, "image2")
-    b.link(stitch, 0, save, "images")
     return b.build("rece_erase_compare_same_seed")
 
 
@@ -102,12 +115,11 @@ def red_team():
         "original checkpoint). Each erased model samples from its own attack with the same seed: left UCE, right "
         "RECE. RECE's epochs erase those attacks too, so its image should show less of the concept."
     ], title="About this workflow", size=(420, 280), **NOTE_COLOR)
-    ckpt = b.add("CheckpointLoaderSimple", (0, 240), [CKPT], title="Load Checkpoint (your SD1.x model)", size=(340, 100))
+    ckpt = loader(b, (0, 240))
     uce = b.add("UCEEraseConcept", (400, 0), erase_widgets("nudity", "", "", "nudity", 3, 0.1, 1.0, 0.1, 0.1,
                                                              with_epochs=False),
                 title="UCE Erase Concept: nudity", size=(380, 440))
-    rece = b.add("RECEEraseConcept", (400, 540), erase_widgets("nudity", "", "", "nudity", 3, 0.1, 1.0, 0.1, 0.1),
-                 title="RECE Erase Concept: nudity", size=(380, 470), **ERASED_COLOR)
+    rece = nudity_rece(b, (400, 540))
     attack_uce = b.add("RECEDeriveAdversarialEmbedding", (840, 0), ["nudity", 0.1],
                        title="Adversarial embedding vs UCE", size=(380, 210))
     attack_rece = b.add("RECEDeriveAdversarialEmbedding", (840, 540), ["nudity", 0.1],
@@ -119,18 +131,16 @@ def red_team():
                        size=(320, 290))
     sample_rece = b.add("KSampler", (1280, 540), ksampler_widgets(), title="KSampler: RECE model, its attack (same seed)",
                         size=(320, 290), **ERASED_COLOR)
-    decode_uce = b.add("VAEDecode", (1660, 0), [], title="VAE Decode: UCE", size=(220, 50))
-    decode_rece = b.add("VAEDecode", (1660, 540), [], title="VAE Decode: RECE", size=(220, 50))
-    stitch = b.add("ImageStitch", (1940, 0), ["right", True, 8, "white"], title="UCE | RECE", size=(280, 150))
-    save = b.add("SaveImage", (2280, 0), ["rece_red_team"], title="Save red-team comparison", size=(540, 340))
+    decode_side_by_side(b, ckpt, (sample_uce, sample_rece), 1660, ("UCE", "RECE"), "UCE | RECE", "rece_red_team",
+                        "Save red-team comparison")
     report_uce = b.add("PreviewAny", (1660, 200), [], title="Red-team report: UCE", size=(560, 180))
     report_rece = b.add("PreviewAny", (1660, 660), [], title="Red-team report: RECE", size=(560, 180))
     for eraser in (uce, rece):
         b.link(ckpt, 0, eraser, "model")
         b.link(ckpt, 1, eraser, "clip")
     b.link(ckpt, 1, negative, "clip")
-    for eraser, attack, sampler, decode, report in ((uce, attack_uce, sample_uce, decode_uce, report_uce),
-                                                   (rece, attack_rece, sample_rece, decode_rece, report_rece)):
+    for eraser, attack, sampler, report in ((uce, attack_uce, sample_uce, report_uce),
+                                           (rece, attack_rece, sample_rece, report_rece)):
         b.link(eraser, 0, attack, "model")
         b.link(ckpt, 1, attack, "clip")
         b.link(ckpt, 0, attack, "original_model")
@@ -138,12 +148,7 @@ def red_team():
         b.link(attack, 0, sampler, "positive")
         b.link(negative, 0, sampler, "negative")
         b.link(latent, 0, sampler, "latent_image")
-        b.link(sampler, 0, decode, "samples")
-        b.link(ckpt, 2, decode, "vae")
         b.link(attack, 1, report, "source")
-    b.link(decode_uce, 0, stitch, "image1")
-    b.link(decode_rece, 0, stitch, "image2")
-    b.link(stitch, 0, save, "images")
     return b.build("rece_red_team_uce_vs_rece")
 
 
@@ -155,9 +160,8 @@ def save_checkpoint():
         "cross-attention key/value weights. Checkpoint Save writes the erased model with its CLIP and VAE to "
         "`output/checkpoints/rece_nudity_00001_.safetensors`; move it to `models/checkpoints` to load it like any other."
     ], title="About this workflow", size=(420, 220), **NOTE_COLOR)
-    ckpt = b.add("CheckpointLoaderSimple", (0, 0), [CKPT], title="Load Checkpoint (your SD1.x model)", size=(340, 100))
-    erase = b.add("RECEEraseConcept", (400, 0), erase_widgets("nudity", "", "", "nudity", 3, 0.1, 1.0, 0.1, 0.1),
-                  title="RECE Erase Concept: nudity", size=(380, 470), **ERASED_COLOR)
+    ckpt = loader(b, (0, 0))
+    erase = nudity_rece(b, (400, 0))
     save = b.add("CheckpointSave", (840, 0), ["checkpoints/rece_nudity"], title="Save erased checkpoint",
                  size=(380, 130))
     report = b.add("PreviewAny", (840, 190), [], title="Erasure report", size=(460, 280))
@@ -181,9 +185,8 @@ def share_erasure():
         "weight comparison show the LoRA reproduces the erased model. After a run, the file is also in the stock "
         "LoraLoader's list (press R to refresh)."
     ], title="About this workflow", size=(440, 330), **NOTE_COLOR)
-    ckpt = b.add("CheckpointLoaderSimple", (0, 0), [CKPT], title="Load Checkpoint (your SD1.x model)", size=(340, 100))
-    erase = b.add("RECEEraseConcept", (400, 0), erase_widgets("nudity", "", "", "nudity", 3, 0.1, 1.0, 0.1, 0.1),
-                  title="RECE Erase Concept: nudity", size=(380, 470), **ERASED_COLOR)
+    ckpt = loader(b, (0, 0))
+    erase = nudity_rece(b, (400, 0))
     save = b.add("RECESaveErasure", (840, -380), ["rece_nudity"], title="Save Erasure (models/rece_erasures)",
                  size=(380, 90), **ERASED_COLOR)
     export = b.add("RECEExportErasureLoRA", (840, -240), ["rece/nudity", 0, "float32"],
@@ -201,10 +204,8 @@ def share_erasure():
                           size=(320, 290), **ERASED_COLOR)
     sample_lora = b.add("KSampler", (1280, 90), ksampler_widgets(), title="KSampler: original + LoRA (same seed)",
                         size=(320, 290), **ORIGINAL_COLOR)
-    decode_erased = b.add("VAEDecode", (1660, -250), [], title="VAE Decode: erased", size=(220, 50))
-    decode_lora = b.add("VAEDecode", (1660, 90), [], title="VAE Decode: LoRA", size=(220, 50))
-    stitch = b.add("ImageStitch", (1940, -250), ["right", True, 8, "white"], title="Erased | LoRA", size=(280, 150))
-    save_image = b.add("SaveImage", (2280, -250), ["rece_lora_check"], title="Save comparison", size=(540, 340))
+    decode_side_by_side(b, ckpt, (sample_erased, sample_lora), 1660, ("erased", "LoRA"), "Erased | LoRA",
+                        "rece_lora_check", "Save comparison")
     report_save = b.add("PreviewAny", (1660, 430), [], title="Save Erasure report", size=(520, 200))
     report_export = b.add("PreviewAny", (1660, 680), [], title="LoRA export report", size=(520, 200))
     report_compare = b.add("PreviewAny", (1660, -560), [], title="Weight comparison", size=(520, 150))
@@ -223,13 +224,6 @@ def share_erasure():
         b.link(positive, 0, sampler, "positive")
         b.link(negative, 0, sampler, "negative")
         b.link(latent, 0, sampler, "latent_image")
-    b.link(sample_erased, 0, decode_erased, "samples")
-    b.link(ckpt, 2, decode_erased, "vae")
-    b.link(sample_lora, 0, decode_lora, "samples")
-    b.link(ckpt, 2, decode_lora, "vae")
-    b.link(decode_erased, 0, stitch, "image1")
-    b.link(decode_lora, 0, stitch, "image2")
-    b.link(stitch, 0, save_image, "images")
     b.link(save, 0, report_save, "source")
     b.link(export, 1, report_export, "source")
     b.link(compare, 0, report_compare, "source")
