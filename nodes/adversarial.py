@@ -52,7 +52,7 @@ def derive_adversarial(model, clip, concept: str, reg_scale: float, original=Non
         concept, reg_scale,
         reach_adversarial=metrics.output_miss(gram_edited, gram_cross, gram_original, found, encoded.rows),
         reach_plain=metrics.output_miss(gram_edited, gram_cross, gram_original, encoded.rows, encoded.rows),
-        original_source=source,
+        original_source=source, chunks=encoded.n_chunks,
     )
     extras = {} if pooled is None else {"pooled_output": pooled}
     conditioning = [[found.to(dtype=torch.float32, device="cpu").unsqueeze(0), extras]]

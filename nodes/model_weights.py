@@ -16,21 +16,58 @@ import comfy.lora
 import comfy.model_management
 
 DIFFUSION_PREFIX = "diffusion_model."
-KV_SUFFIXES = (".attn2.to_k.weight", ".attn2.to_v.weight")
+
+
+# ComfyUI model config classes this pack is tested on; a family with
+# cross-attention on a text context is refused until a test covers it.
+SUPPORTED_FAMILIES = {"SD15": "SD1.x", "SD20": "SD2.x", "SDXL": "SDXL"}
+SUPPORTED = ("SD1.x (1.4, 1.5 and their fine-tunes), SD2.x (2.0/2.1, 512 and 768-v) and SDXL (base and its "
+             "fine-tunes: Pony, Illustrious ...)")
+
+
+def context_width(model) -> int | None:
+    """Width of the text context the denoiser's cross-attention reads (ComfyUI's ``context_dim``)."""
+    config = getattr(getattr(getattr(model, "model", None), "model_config", None), "unet_config", None) or {}
+    return config.get("context_dim")
+
+
+def cross_attention_kv_keys(model) -> list[str]:
+    """Every K/V projection that reads the text context, found from the
+    model's structure: an attention module whose key and value take
+    ``context_width`` inputs while its query does not (a self-attention
+    reads one input for all three)."""
+    width = context_width(model)
+    denoiser = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if width is None or denoiser is None:
+        return []
+    keys = []
+    for name, module in denoiser.named_modules():
+        q, k, v = (getattr(module, attr, None) for attr in ("to_q", "to_k", "to_v"))
+        if not all(isinstance(layer, torch.nn.Linear) for layer in (q, k, v)):
+            continue
+        if k.in_features == v.in_features == width != q.in_features:
+            keys += [f"{DIFFUSION_PREFIX}{name}.to_k.weight", f"{DIFFUSION_PREFIX}{name}.to_v.weight"]
+    return sorted(keys)
 
 
 def kv_keys(model) -> list[str]:
-    """Names of every cross-attention key/value projection in the denoiser."""
+    """Names of every cross-attention key/value projection of a supported model."""
     if model is None or not hasattr(model, "model_state_dict"):
         raise ValueError("no MODEL connected: connect the MODEL output of a checkpoint loader")
-    keys = [k for k in model.model_state_dict(DIFFUSION_PREFIX) if k.endswith(KV_SUFFIXES)]
-    if not keys:
+    family = family_name(model)
+    keys = cross_attention_kv_keys(model)
+    if family not in SUPPORTED_FAMILIES:
+        if keys:
+            raise ValueError(
+                f"this MODEL ({family}) has cross-attention on a text context, but this pack is not tested on "
+                f"{family} yet, so it refuses to erase it rather than risk a wrong edit; supported: {SUPPORTED}")
         raise ValueError(
-            f"this MODEL ({family_name(model)}) has no cross-attention key/value projections that read the text "
-            "(attn2.to_k / attn2.to_v): RECE edits UNet models with cross-attention; supported: SD1.x "
-            "(SD 1.4, 1.5 and their fine-tunes). Flux, SD3 and other transformer models cannot be erased this way"
-        )
-    return sorted(keys)
+            f"this MODEL ({family}) has no cross-attention key/value projections that read the text: RECE edits "
+            f"UNet models with cross-attention; supported: {SUPPORTED}. Flux, SD3, AuraFlow and other joint-attention "
+            "transformers (and video models) cannot be erased this way")
+    if not keys:
+        raise ValueError(f"found no cross-attention key/value projections in this {family} MODEL; is it damaged?")
+    return keys
 
 
 def family_name(model) -> str:

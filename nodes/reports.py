@@ -6,10 +6,24 @@ from typing import Mapping, Sequence
 import torch
 
 from ..rece_ops import EncodedText, Erasure, RECESettings, metrics, uce_erase_rows
+from ..rece_ops.texts import epoch_targets
 
 
-def _quoted(texts: Sequence[str]) -> str:
-    return ", ".join("the empty prompt" if not t.strip() else repr(t) for t in texts)
+def _quoted(texts: Sequence[str], limit: int = 60) -> str:
+    def one(text: str) -> str:
+        if not text.strip():
+            return "the empty prompt"
+        return repr(text) if len(text) <= limit else repr(text[:limit].rstrip() + "...")
+    return ", ".join(one(t) for t in texts)
+
+
+def chunks_note(texts: Sequence[EncodedText]) -> list[str]:
+    """A report line naming the texts longer than one 77-token chunk, if any."""
+    long = [t for t in texts if t.n_chunks > 1]
+    if not long:
+        return []
+    described = ", ".join(f"{_quoted([t.text], 30)} ({t.n_chunks} chunks)" for t in long)
+    return [f"long texts: {described}; every chunk's rows take part (each chunk aligned as a prompt of its own)"]
 
 
 def erase_report(
@@ -35,7 +49,7 @@ def erase_report(
     remaining = metrics.remaining_distance(gram_matrix, erasure, erase_rows, target_rows)
     drift = metrics.preserve_drift(gram_matrix, erasure, torch.cat([p.rows for p in preserves]))
     recovery = max(
-        metrics.adversarial_recovery(gram_matrix, erasure, c.rows, g.rows, settings.reg_scale)
+        metrics.adversarial_recovery(gram_matrix, erasure, c.rows, epoch_targets(c, g), settings.reg_scale)
         for c, g in zip(concepts, guides)
     )
     source = "published preset " + preset_name if preset_name != "custom" else "custom numbers"
@@ -54,6 +68,7 @@ def erase_report(
         f"{100 * recovery:.1f}% of the concept's original outputs (0% = no closer than the guide)",
         f"time: text encoding {seconds['text']:.2f} s, algebra {seconds['algebra']:.3f} s"
         f"{' (G reused)' if seconds.get('gram_cached') else ''}, patches {seconds['patches']:.3f} s",
+        *chunks_note([*concepts, *guides[:1], *preserves]),
     ]
     return "\n".join(lines)
 
@@ -64,9 +79,12 @@ def adversarial_report(
     reach_adversarial: float,
     reach_plain: float,
     original_source: str,
+    chunks: int = 1,
 ) -> str:
+    name = _quoted([concept])
+    length = f" ({chunks} chunks of 77 tokens, all solved for)" if chunks > 1 else ""
     return "\n".join([
-        f"adversarial embedding of {concept!r} (reg_scale {reg_scale}) against {original_source}",
-        f"the erased model's outputs for it miss the original outputs of {concept!r} by "
+        f"adversarial embedding of {name}{length} (reg_scale {reg_scale}) against {original_source}",
+        f"the erased model's outputs for it miss the original outputs of {name} by "
         f"{100 * reach_adversarial:.1f}% (the plain prompt misses by {100 * reach_plain:.1f}%; 0% = fully restored)",
     ])

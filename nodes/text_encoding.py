@@ -8,30 +8,37 @@ import torch
 from ..rece_ops.texts import EncodedText, count_words
 
 
-def _first_chunk_ids(tokens: dict) -> tuple[list[int], int]:
-    """Token ids of the first chunk of the first tokenizer, and the chunk count."""
+def chunk_word_counts(tokens: dict, text: str) -> tuple[int, ...]:
+    """Words in each 77-token chunk of a tokenized text.
+
+    SDXL tokenizes twice (CLIP-L and bigG): both must split the text the same
+    way, since the context rows put their outputs side by side per token.
+    """
     if not tokens:
         raise ValueError("the CLIP tokenizer returned no tokens")
-    chunks = next(iter(tokens.values()))
-    return [int(t[0]) for t in chunks[0]], len(chunks)
+    counts = {name: tuple(count_words([t[0] for t in chunk]) for chunk in chunks) for name, chunks in tokens.items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"the text encoders split {text[:40]!r} into different tokens ({counts}); "
+                         "RECE needs one row per token: simplify the text")
+    return next(iter(counts.values()))
 
 
 def encode_with_pooled(clip, text: str) -> tuple[EncodedText, torch.Tensor | None]:
     """One text through the CLIP as ComfyUI's CLIPTextEncode runs it.
 
-    Returns the ``[77, d]`` context rows (float32, CPU) with the word count,
-    and the pooled output CLIPTextEncode puts in its CONDITIONING.
+    Returns the context rows (``[77 * chunks, d]``, float32, CPU) with the
+    word count of each chunk, and the pooled output CLIPTextEncode puts in its
+    CONDITIONING (SDXL's UNet reads it; SD1/SD2 ignore it).
     """
     if clip is None:
         raise ValueError("no CLIP connected: connect the CLIP output of the checkpoint loader")
     tokens = clip.tokenize(text)
-    ids, n_chunks = _first_chunk_ids(tokens)
-    if n_chunks != 1:
-        raise ValueError(
-            f"{text[:40]!r}... is longer than one 75-token chunk; shorten it (RECE aligns one chunk of rows)"
-        )
+    words = chunk_word_counts(tokens, text)
     rows, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-    encoded = EncodedText(rows[0].to(device="cpu", dtype=torch.float32), count_words(ids), text)
+    rows = rows[0].to(device="cpu", dtype=torch.float32)
+    if rows.shape[0] % len(words):
+        raise ValueError(f"the CLIP gave {rows.shape[0]} rows for {len(words)} chunks of {text[:40]!r}")
+    encoded = EncodedText(rows, words[0] if len(words) == 1 else words, text)
     return encoded, pooled
 
 

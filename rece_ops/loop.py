@@ -14,7 +14,7 @@ import torch
 from .closed_form import adversarial_embedding, algebra_device, as_algebra, gram, uce_step
 from .erasure import Erasure
 from .settings import RECESettings
-from .texts import EncodedText, uce_erase_rows
+from .texts import EncodedText, epoch_targets, uce_erase_rows
 
 # Called after each step as (steps_done, steps_total); may raise to cancel.
 StepCallback = Callable[[int, int], None]
@@ -103,7 +103,7 @@ def erase(
         callback(1, total)
 
     # Epochs: all 77 rows of each guide are the targets of every epoch.
-    guide_rows = torch.cat([as_algebra(t.rows, device) for t in guides])
+    guide_rows = torch.cat([as_algebra(epoch_targets(c, t), device) for c, t in zip(concepts, guides)])
     epoch_keep = _stack_rows(epoch_preserves, device)
     # All concepts share one adversarial system, so their rows are solved
     # together; a zero anchor row is exactly the paper's "toward zero".

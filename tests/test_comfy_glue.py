@@ -79,9 +79,14 @@ def test_text_encoding_counts_words_and_treats_blank_as_empty_prompt(slim_sd15, 
     assert word.rows.shape == (77, 768)
 
 
-def test_text_longer_than_one_chunk_is_refused_with_a_clear_error(slim_sd15, glue):
-    with pytest.raises(ValueError, match="longer than one 75-token chunk"):
-        glue.text.encode_text(slim_sd15[1], "word " * 100)
+def test_text_longer_than_one_chunk_is_encoded_chunk_by_chunk(slim_sd15, glue):
+    clip = slim_sd15[1]
+    long = glue.text.encode_text(clip, "word " * 100)
+    assert long.n_chunks == 2 and long.rows.shape == (154, 768)
+    assert sum(long.chunk_words) == 100 and all(0 < w <= 75 for w in long.chunk_words)
+    # The rows are exactly what CLIPTextEncode gives a sampler.
+    rows = clip.encode_from_tokens(clip.tokenize("word " * 100))[0]
+    assert torch.equal(long.rows, rows.float())
 
 
 def test_erase_through_comfyui_equals_rece_ops_on_the_same_weights(slim_sd15, glue):
@@ -184,9 +189,10 @@ def test_main_job_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
 
 
 def test_main_job_reports_bad_input_in_one_line_and_saves_nothing(tmp_path):
-    result = run_main_job("--concepts", "word " * 100, "--output-dir", str(tmp_path))
+    # Refused by the node inside ComfyUI, reported by the script in one line.
+    result = run_main_job("--concepts", "nudity", "--guide", "Nudity", "--output-dir", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert "longer than one 75-token chunk" in result.stderr
+    assert "is also a concept" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.rglob("*.safetensors"))

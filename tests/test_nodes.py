@@ -291,16 +291,27 @@ class WidenedClip:
         return (rows, pooled) if return_pooled else rows
 
 
-def no_cross_attention_model(slim_model):
-    class NoCrossAttention:
-        """Stands for a MODEL whose denoiser has no attn2 (Flux, SD3 ...)."""
+class ForeignModel:
+    """A MODEL of another family, as far as the erase nodes look: ComfyUI's own
+    model config class and a denoiser with (or without) a cross-attention
+    layer on a text context."""
 
-        model = slim_model.model
+    def __init__(self, family: str, cross_attention: bool):
+        import comfy.supported_models
 
-        def model_state_dict(self, filter_prefix=None):
-            return {"diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 3)}
+        config_class = getattr(comfy.supported_models, family)
+        config = config_class(dict(config_class.unet_config))
+        width = config.unet_config.get("context_dim") or 64
+        attention = torch.nn.Module()
+        attention.to_q = torch.nn.Linear(32, 32, bias=False)
+        attention.to_k = torch.nn.Linear(width if cross_attention else 32, 32, bias=False)
+        attention.to_v = torch.nn.Linear(width if cross_attention else 32, 32, bias=False)
+        denoiser = torch.nn.Module()
+        denoiser.block = attention
+        self.model = type("BaseModel", (), {"model_config": config, "diffusion_model": denoiser})()
 
-    return NoCrossAttention()
+    def model_state_dict(self, filter_prefix=None):
+        return {}
 
 
 def nan_model(glue, model):
@@ -312,8 +323,10 @@ def nan_model(glue, model):
 
 REFUSALS = {
     "no concepts": (lambda glue, m, c: (m, c, {"concepts": " \n , "}), "no concepts to erase"),
-    "no cross-attention": (lambda glue, m, c: (no_cross_attention_model(m), c, {}),
-                           r"no cross-attention key/value projections.*SD1\.x.*Flux, SD3"),
+    "no cross-attention": (lambda glue, m, c: (ForeignModel("Flux", cross_attention=False), c, {}),
+                           r"\(Flux\) has no cross-attention key/value projections.*SD1\.x.*SD2\.x.*SDXL.*Flux, SD3"),
+    "untested family": (lambda glue, m, c: (ForeignModel("SDXLRefiner", cross_attention=True), c, {}),
+                        r"\(SDXLRefiner\) has cross-attention on a text context, but this pack is not tested on"),
     "CLIP width": (lambda glue, m, c: (m, WidenedClip(c, width=1024), {}),
                    "CLIP gives 1024-wide embeddings but this MODEL's cross-attention reads a 768-wide"),
     "NaN weights": (lambda glue, m, c: (nan_model(glue, m), c, {}), "NaN or infinite"),
@@ -322,7 +335,6 @@ REFUSALS = {
     "guide is a concept": (lambda glue, m, c: (m, c, {"concepts": "nudity", "guide": "Nudity"}), "guide 'Nudity' is also a concept"),
     "erased and preserved": (lambda glue, m, c: (m, c, {"concepts": "nudity\nblood", "preserve": "blood"}),
                              "'blood' is both erased and preserved"),
-    "long concept": (lambda glue, m, c: (m, c, {"concepts": "word " * 100}), "longer than one 75-token chunk"),
 }
 
 
