@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import glob
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -92,6 +93,29 @@ def model_paths_in(workdir: Path) -> Path:
     return path
 
 
+OTHER_FAMILIES = ["sd2", "sd2-v", "sdxl"]
+
+
+def test_examples_run_on_sd2_and_sdxl_checkpoints(tmp_path_factory):
+    """Every example workflow's pattern on the other families' slim checkpoints, through one server."""
+    check = Checks()
+    workdir = tmp_path_factory.mktemp("example_workflows_families")
+    with host.server(workdir, extra_model_paths=model_paths_in(workdir)) as server:
+        object_info = server.get("/object_info", timeout=120)
+        for family in OTHER_FAMILIES:
+            checkpoint = paths.SLIM_CHECKPOINTS[family][1]
+            if not check.that((paths.CHECKPOINT_DIR / checkpoint).exists(), f"{checkpoint} missing: run scripts/setup.sh"):
+                continue
+            for name in EXAMPLE_NAMES:
+                workflow = workflows.load_workflow(EXAMPLES / f"{name}.json")
+                before = len(check.failures)
+                entry, graph = run_example(check, server, name, workflow, object_info, checkpoint)
+                if entry is not None:
+                    CHECK_OUTPUTS[name](check, server, entry, graph)
+                check.failures[before:] = [f"[{family}] {f}" for f in check.failures[before:]]
+    assert not check.failures, "\n".join(check.failures) + "\n--- server log ---\n" + server.log()[-3000:]
+
+
 def check_pack_nodes(check: Checks, object_info: dict) -> None:
     for kind, display, required, optional, outputs in PACK_NODES:
         info = object_info.get(kind)
@@ -146,17 +170,35 @@ def check_example_file(check: Checks, name: str, workflow: dict, object_info: di
     return not missing
 
 
-def run_example(check: Checks, server: host.Server, name: str, workflow: dict, object_info: dict):
-    graph = workflows.with_checkpoint(workflows.to_api(workflow, object_info), paths.SLIM_SD15_NAME)
+def run_example(check: Checks, server: host.Server, name: str, workflow: dict, object_info: dict,
+                checkpoint: str = paths.SLIM_SD15_NAME):
+    graph = workflows.with_checkpoint(workflows.to_api(workflow, object_info), checkpoint)
     check_graph_shape(check, name, graph)
     if workflows.api_nodes(graph, "EmptyLatentImage"):
         graph = workflows.with_inputs(graph, class_type="EmptyLatentImage", width=TEST_SIZE, height=TEST_SIZE)
     if workflows.api_nodes(graph, "KSampler"):
-        graph = workflows.with_inputs(graph, class_type="KSampler", steps=TEST_STEPS)
+        graph = with_latent_checks(workflows.with_inputs(graph, class_type="KSampler", steps=TEST_STEPS))
     entry = server.run_prompt(graph)
     if not check.that(entry["status"]["status_str"] == "success", f"{name}: {json.dumps(entry['status'])[:2000]}"):
         return None, graph
+    for node_id in workflows.api_nodes(graph, "PreviewAny", title=LATENT_CHECK):
+        text = "".join(entry["outputs"].get(node_id, {}).get("text", []))
+        check.that("tensor(" in text and "nan" not in text and "inf" not in text,
+                   f"{name}: sampled latents are not finite: {text[:300]}")
     return entry, graph
+
+
+LATENT_CHECK = "test: sampled latent"
+
+
+def with_latent_checks(graph: dict) -> dict:
+    """``graph`` with a Preview as Text on every KSampler's LATENT: it prints
+    the tensor, so a NaN shows even where random weights decode to black."""
+    out = copy.deepcopy(graph)
+    for node_id in workflows.api_nodes(graph, "KSampler"):
+        out[f"9{node_id}0"] = {"class_type": "PreviewAny", "inputs": {"source": [node_id, 0]},
+                               "_meta": {"title": LATENT_CHECK}}
+    return out
 
 
 def inputs_of(graph: dict, kind: str) -> list[dict]:
@@ -214,7 +256,8 @@ def check_graph_shape(check: Checks, name: str, graph: dict) -> None:
 
 
 def preview_texts(check: Checks, name: str, entry: dict, graph: dict, expected: int) -> list[str]:
-    texts = [t for i in workflows.api_nodes(graph, "PreviewAny") for t in entry["outputs"].get(i, {}).get("text", [])]
+    ids = [i for i in workflows.api_nodes(graph, "PreviewAny") if graph[i]["_meta"]["title"] != LATENT_CHECK]
+    texts = [t for i in ids for t in entry["outputs"].get(i, {}).get("text", [])]
     check.that(len(texts) == expected and all(t.strip() for t in texts), f"{name}: preview texts {texts}")
     return texts
 
@@ -229,9 +272,16 @@ def saved_stitch(check: Checks, server: host.Server, name: str, entry: dict, gra
     spacing = inputs_of(graph, "ImageStitch")[0]["spacing_width"]
     check.that(pixels.shape == (TEST_SIZE, 2 * TEST_SIZE + spacing, 3), f"{name}: image shape {pixels.shape}")
     left, right = pixels[:, :TEST_SIZE], pixels[:, TEST_SIZE + spacing:]
-    # A NaN anywhere in sampling decodes to one flat colour.
-    check.that(np.isfinite(pixels).all() and left.std() > 0 and right.std() > 0, f"{name}: a flat half in {path}")
-    check.that(not np.array_equal(left, right), f"{name}: both halves are identical")
+    if visible_images(graph):
+        check.that(np.isfinite(pixels).all() and left.std() > 0 and right.std() > 0, f"{name}: a flat half in {path}")
+        check.that(not np.array_equal(left, right), f"{name}: both halves are identical")
+
+
+def visible_images(graph: dict) -> bool:
+    """Whether the checkpoint's random TAESD shows anything at 8 bits: the
+    SD1.5 one does; the SD2/SDXL ones decode these latents to black, where
+    only the latent checks can tell a NaN."""
+    return inputs_of(graph, "CheckpointLoaderSimple")[0]["ckpt_name"] == paths.SLIM_SD15_NAME
 
 
 def outputs_compare(check, server, entry, graph):
@@ -253,23 +303,24 @@ def outputs_save_checkpoint(check, server, entry, graph):
     text = (preview_texts(check, name, entry, graph, 1) or [""])[0]
     check.that(text.startswith("RECE erased 'nudity'") and "rank" in text, f"{name}: report {text!r}")
     saved = sorted((server.output_dir / "checkpoints").glob("rece_nudity_*.safetensors"))
-    if not check.that(len(saved) == 1, f"{name}: saved {saved}"):
+    if not check.that(saved, f"{name}: saved {saved}"):
         return
     from safetensors import safe_open
 
-    original_path = paths.CHECKPOINT_DIR / paths.SLIM_SD15_NAME
-    with safe_open(str(saved[0]), framework="pt") as erased, safe_open(str(original_path), framework="pt") as original:
+    original_path = paths.CHECKPOINT_DIR / inputs_of(graph, "CheckpointLoaderSimple")[0]["ckpt_name"]
+    with safe_open(str(saved[-1]), framework="pt") as erased, safe_open(str(original_path), framework="pt") as original:
         keys = set(erased.keys())
         unet = [k for k in keys if k.startswith("model.diffusion_model.")]
         check.that(len(unet) > 100 and any(k.startswith("first_stage_model.") for k in keys)
-                   and any(k.startswith("cond_stage_model.") for k in keys), f"{name}: keys of {saved[0]}")
+                   and any(k.startswith(("cond_stage_model.", "conditioner.")) for k in keys), f"{name}: keys of {saved[-1]}")
         for key in sorted(keys):
             if not torch.isfinite(erased.get_tensor(key).float()).all():
                 check.that(False, f"{name}: {key} is not finite")
                 break
         kv = [k for k in unet if ".attn2.to_k." in k or ".attn2.to_v." in k]
         others = [k for k in unet if ".attn1.to_q." in k]
-        check.that(len(kv) == 14, f"{name}: {len(kv)} K/V weights")
+        expected_kv = [k for k in original.keys() if ".attn2.to_k." in k or ".attn2.to_v." in k]
+        check.that(len(kv) == len(expected_kv) > 0, f"{name}: {len(kv)} K/V weights, the original has {len(expected_kv)}")
         for key in kv[:2] + others[:2]:
             before, after = original.get_tensor(key).float(), erased.get_tensor(key).float()
             changed = not torch.allclose(before, after, rtol=0, atol=1e-3)
@@ -279,8 +330,8 @@ def outputs_save_checkpoint(check, server, entry, graph):
 def outputs_share(check, server, entry, graph):
     name = "rece_share_erasure_and_lora"
     texts = preview_texts(check, name, entry, graph, 3)
-    saved = [t for t in texts if t.startswith("saved rece_nudity_00001_.safetensors")]
-    exported = [t for t in texts if t.startswith("saved LoRA rece/nudity_00001_.safetensors") and "exact" in t]
+    saved = [t for t in texts if re.match(r"saved rece_nudity_\d{5}_\.safetensors", t)]
+    exported = [t for t in texts if re.match(r"saved LoRA rece/nudity_\d{5}_\.safetensors", t) and "exact" in t]
     compared = [t for t in texts if t.startswith("K/V weights of model_a vs model_b")]
     check.that(len(saved) == len(exported) == len(compared) == 1, f"{name}: reports {texts}")
     if compared:
@@ -289,9 +340,12 @@ def outputs_share(check, server, entry, graph):
     workdir = server.output_dir.parent
     from safetensors import safe_open
 
-    for path, key in ((workdir / "rece_erasures" / "rece_nudity_00001_.safetensors", "erasure.up"),
-                      (workdir / "loras" / "rece" / "nudity_00001_.safetensors",
-                       "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight")):
+    files = []
+    if saved and exported:
+        files = [(workdir / "rece_erasures" / saved[0].split()[1], "erasure.up"),
+                 (workdir / "loras" / exported[0].split()[2],
+                  "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight")]
+    for path, key in files:
         if check.that(path.is_file(), f"{name}: {path} was not written"):
             with safe_open(str(path), framework="pt") as handle:
                 check.that(key in handle.keys() and torch.isfinite(handle.get_tensor(key)).all(), f"{name}: {path}")
@@ -301,7 +355,7 @@ def outputs_share(check, server, entry, graph):
         pixels = np.asarray(Image.open(server.output_dir / images[0]["subfolder"] / images[0]["filename"]).convert("RGB"))
         spacing = inputs_of(graph, "ImageStitch")[0]["spacing_width"]
         left, right = pixels[:, :TEST_SIZE].astype(int), pixels[:, TEST_SIZE + spacing:].astype(int)
-        check.that(left.std() > 0 and np.abs(left - right).max() <= 2,
+        check.that((left.std() > 0 or not visible_images(graph)) and np.abs(left - right).max() <= 2,
                    f"{name}: the LoRA model's image differs from the erased model's")
 
 
