@@ -47,7 +47,8 @@ def check(name, workflow):
 
 
 def loader(b, pos):
-    return b.add("CheckpointLoaderSimple", pos, [CKPT], title="Load Checkpoint (your SD1.x model)", size=(340, 100))
+    return b.add("CheckpointLoaderSimple", pos, [CKPT], title="Load Checkpoint (SD1.x, SD2.x, SDXL)",
+                 size=(340, 100))
 
 
 def nudity_rece(b, pos):

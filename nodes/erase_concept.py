@@ -30,7 +30,7 @@ def erase_inputs(with_epochs: bool) -> dict:
     """The inputs of both erase nodes (UCE has no epochs)."""
     nudity = PRESETS["nudity"].settings
     required = {
-        "model": ("MODEL", {"tooltip": "The model to erase from (SD1.x). It is not changed: the erased model is a patched copy."}),
+        "model": ("MODEL", {"tooltip": "The model to erase from (SD1.x, SD2.x or SDXL). It is not changed: the erased model is a patched copy."}),
         "clip": ("CLIP", {"tooltip": "The text encoder of the same checkpoint; it turns the concepts into the embeddings the edit works on."}),
         "concepts": ("STRING", {"multiline": True, "default": "nudity",
                                 "tooltip": "What to erase: one concept per line (commas also separate). All are erased together."}),

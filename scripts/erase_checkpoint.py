@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", nargs="?", type=Path,
-                        help=f"SD1.x .safetensors checkpoint (default: the demo checkpoint {paths.SLIM_SD15_NAME})")
+                        help=f"SD1.x, SD2.x or SDXL .safetensors checkpoint (default: the demo checkpoint {paths.SLIM_SD15_NAME})")
     parser.add_argument("--concepts", default="nudity", help="concepts to erase, one per line or comma-separated (default: nudity)")
     parser.add_argument("--preset", default="nudity", choices=sorted(PRESETS), help="the authors' published settings (default: nudity)")
     parser.add_argument("--guide", default=None, help="what the concepts become (default: the preset's guide)")
@@ -96,7 +96,7 @@ def check_checkpoint(path: Path | None) -> Path:
         with safe_open(str(path), framework="pt") as handle:
             handle.keys()
     except (SafetensorError, OSError) as error:
-        raise UsageError(f"{path} is not a .safetensors checkpoint ({error}); give an SD1.x .safetensors file")
+        raise UsageError(f"{path} is not a .safetensors checkpoint ({error}); give an SD1.x, SD2.x or SDXL .safetensors file")
     return path
 
 
