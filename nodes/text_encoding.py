@@ -47,12 +47,45 @@ def encode_text(clip, text: str) -> EncodedText:
     return encode_with_pooled(clip, text)[0]
 
 
+# Chunks per CLIP forward when many texts are encoded together: large enough
+# to amortise the forward, small enough to bound activation memory.
+BATCH_CHUNKS = 64
+
+
 def encode_texts(clip, texts: Iterable[str]) -> list[EncodedText]:
-    """Encode each text once; repeated texts reuse the first encoding."""
-    cache: dict[str, EncodedText] = {}
-    out = []
-    for text in texts:
-        if text not in cache:
-            cache[text] = encode_text(clip, text)
-        out.append(cache[text])
+    """Encode many texts, each distinct text once, in as few CLIP forwards as possible.
+
+    ComfyUI's CLIP encodes the chunks of one prompt as one batch; the chunks
+    of many prompts are passed the same way (every tokenizer's chunk lists
+    joined), and the rows split back per text. Each chunk is encoded on its
+    own in either case, so the rows are those of separate encodes.
+    """
+    if clip is None:
+        raise ValueError("no CLIP connected: connect the CLIP output of the checkpoint loader")
+    texts = list(texts)
+    unique = list(dict.fromkeys(texts))
+    tokens = {text: clip.tokenize(text) for text in unique}
+    words = {text: chunk_word_counts(tokens[text], text) for text in unique}
+    encoded: dict[str, EncodedText] = {}
+    batch: list[str] = []
+    for text in unique:
+        batch.append(text)
+        if sum(len(words[t]) for t in batch) >= BATCH_CHUNKS or text == unique[-1]:
+            encoded.update(_encode_batch(clip, batch, tokens, words))
+            batch = []
+    return [encoded[text] for text in texts]
+
+
+def _encode_batch(clip, batch: list[str], tokens: dict, words: dict) -> dict[str, EncodedText]:
+    names = list(tokens[batch[0]])
+    joined = {name: [chunk for text in batch for chunk in tokens[text][name]] for name in names}
+    rows = clip.encode_from_tokens(joined)[0].to(device="cpu", dtype=torch.float32)
+    sizes = [len(words[text]) for text in batch]
+    if rows.shape[0] % sum(sizes):
+        raise ValueError(f"the CLIP gave {rows.shape[0]} rows for {sum(sizes)} chunks")
+    per_chunk = rows.shape[0] // sum(sizes)
+    out = {}
+    for text, part in zip(batch, rows.split([n * per_chunk for n in sizes])):
+        counts = words[text]
+        out[text] = EncodedText(part, counts[0] if len(counts) == 1 else counts, text)
     return out

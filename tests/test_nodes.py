@@ -447,7 +447,8 @@ class FixtureClip:
         return {"l": [[(int(i), 1.0, 0) for i in fake_token_ids(text)]]}
 
     def encode_from_tokens(self, tokens, return_pooled=False):
-        rows = self.rows[tuple(t[0] for t in tokens["l"][0])].float().unsqueeze(0)
+        # Several chunks (texts encoded together) come back one after another, as from ComfyUI's CLIP.
+        rows = torch.cat([self.rows[tuple(t[0] for t in chunk)] for chunk in tokens["l"]]).float().unsqueeze(0)
         return (rows, None) if return_pooled else rows
 
 
