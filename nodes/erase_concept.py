@@ -12,6 +12,7 @@ from ..rece_ops.gram_cache import GramCache
 from . import model_weights, reports, text_encoding
 from .erasure_state import ErasureRecord, remember_erasure
 from .progress import StepProgress, check_cancel
+from .transform_patch import transformed_clone
 
 CATEGORY = "RECE"
 CUSTOM = "custom"
@@ -102,7 +103,7 @@ def erase_concepts(
     seconds["algebra"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    erased = model_weights.patched_clone(model, erasure.deltas(weights), strength)
+    erased = transformed_clone(model, keys, erasure.edit, strength)
     remember_erasure(erased, model, ErasureRecord(
         erasure, strength, tuple(keys), tuple(rece_ops.kv_fingerprint(weights)),
         (rece_ops.describe(erasure, method, 1.0),)))

@@ -14,6 +14,7 @@ from . import folders, model_weights
 from .erase_concept import CATEGORY
 from .erasure_state import ErasureRecord, combined_erasure, erasure_records, original_model, remember_erasure
 from .progress import check_cancel
+from .transform_patch import transformed_clone
 
 ERASURE_FILE_EXTENSIONS = (".safetensors", ".sft")
 
@@ -87,7 +88,7 @@ def load_erasure(model, erasure_name: str, strength: float) -> tuple[object, str
                          f"but this MODEL ({model_weights.family_name(model)}) reads a {width}-wide context: "
                          "use a file made for this model family")
     check_cancel()
-    erased = model_weights.patched_clone(model, erasure.deltas(weights), strength)
+    erased = transformed_clone(model, keys, erasure.edit, strength)
     remember_erasure(erased, model, ErasureRecord(erasure, strength, tuple(keys), tuple(loaded.fingerprint),
                                                   tuple(info["erasures"])))
     here = rece_ops.kv_fingerprint(weights)
