@@ -72,8 +72,8 @@ def resolve_settings(preset_name: str, with_epochs: bool, **numbers: float) -> R
 def erase_concepts(
     model, clip, method: str, concepts: str, guide: str, preserve: str,
     preset_name: str, settings: RECESettings, strength: float,
-) -> tuple[object, str]:
-    """Erase ``concepts`` from ``model``; return (patched clone, report)."""
+) -> tuple[object, str, dict[str, float]]:
+    """Erase ``concepts`` from ``model``; return (patched clone, report, seconds per part)."""
     names = rece_ops.split_concepts(concepts)
     if not names:
         raise ValueError("no concepts to erase: type at least one concept in 'concepts' (one per line)")
@@ -94,9 +94,13 @@ def erase_concepts(
     started = time.perf_counter()
     weights = model_weights.effective_kv_weights(model)
     model_weights.check_text_width(encoded[0].width, weights)
+    seconds["weights"] = time.perf_counter() - started
+    started = time.perf_counter()
     misses = GRAM_CACHE.misses
     gram_matrix = GRAM_CACHE.get(weights)
+    seconds["gram"] = time.perf_counter() - started
     seconds["gram_cached"] = GRAM_CACHE.misses == misses
+    started = time.perf_counter()
     progress = StepProgress(settings.epochs + 2)
     erasure = rece_ops.erase(concept_rows, [guide_rows] * len(names), preserve_rows, settings,
                              gram_matrix=gram_matrix, callback=progress)
@@ -110,11 +114,13 @@ def erase_concepts(
     seconds["patches"] = time.perf_counter() - started
     progress(settings.epochs + 2, settings.epochs + 2)
 
+    started = time.perf_counter()
     report = reports.erase_report(
         method, erasure, gram_matrix, concept_rows, [guide_rows] * len(names), preserve_rows,
         preset_name=preset_name, strength=strength, n_matrices=len(keys), seconds=seconds,
     )
-    return erased, report
+    seconds["report"] = time.perf_counter() - started
+    return erased, report, seconds
 
 
 class RECEEraseConcept:
@@ -140,7 +146,7 @@ class RECEEraseConcept:
         settings = resolve_settings(preset, self.METHOD == "RECE", lamb=lamb, erase_scale=erase_scale,
                                     preserve_scale=preserve_scale, reg_scale=reg_scale, epochs=epochs)
         with torch.inference_mode():
-            return erase_concepts(model, clip, self.METHOD, concepts, guide, preserve, preset, settings, strength)
+            return erase_concepts(model, clip, self.METHOD, concepts, guide, preserve, preset, settings, strength)[:2]
 
 
 class UCEEraseConcept(RECEEraseConcept):

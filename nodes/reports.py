@@ -52,6 +52,7 @@ def erase_report(
         metrics.adversarial_recovery(gram_matrix, erasure, c.rows, epoch_targets(c, g), settings.reg_scale)
         for c, g in zip(concepts, guides)
     )
+    gram_time = "reused" if seconds.get("gram_cached") else f"{seconds['gram']:.2f} s"
     source = "published preset " + preset_name if preset_name != "custom" else "custom numbers"
     lines = [
         f"{method} erased {_quoted([c.text for c in concepts])} -> {_quoted([guides[0].text])}; "
@@ -66,8 +67,9 @@ def erase_report(
         f"preserved rows moved {100 * drift:.3f}%",
         f"red team: the best adversarial embedding (reg_scale {settings.reg_scale}) still recovers "
         f"{100 * recovery:.1f}% of the concept's original outputs (0% = no closer than the guide)",
-        f"time: text encoding {seconds['text']:.2f} s, algebra {seconds['algebra']:.3f} s"
-        f"{' (G reused)' if seconds.get('gram_cached') else ''}, patches {seconds['patches']:.3f} s",
+        f"time: text encoding {seconds['text']:.2f} s, reading the K/V weights {seconds['weights']:.2f} s, "
+        f"G {gram_time}, "
+        f"algebra {seconds['algebra']:.3f} s, patches {seconds['patches']:.3f} s",
         *chunks_note([*concepts, *guides[:1], *preserves]),
     ]
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+import numpy as np
 import torch
 
 ALGEBRA_DTYPE = torch.float64
@@ -113,8 +114,22 @@ def uce_step(
         m = m + preserve_scale * (p.T @ p)
     # The float64 sums are symmetric up to rounding; make M exactly so.
     m = 0.5 * (m + m.T)
-    down = torch.linalg.solve(m, c.T).T  # C @ inv(M), M symmetric
-    return EditStep(up=erase_scale * (t - c).T, down=down)
+    down = spd_solve(m, c.T).T  # C @ inv(M), M symmetric
+    up = erase_scale * (t - c).T
+    if up.shape[1] > width:
+        # More erase rows than the context is wide (hundreds of concepts):
+        # the d x d product is exact and smaller than the factors.
+        return EditStep(up=up @ down, down=torch.eye(width, dtype=ALGEBRA_DTYPE, device=device))
+    return EditStep(up=up, down=down)
+
+
+def spd_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``inv(matrix) @ rhs`` for a symmetric positive definite ``matrix``:
+    Cholesky (half the work of LU), or LU if rounding made it indefinite."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, factor)
+    return torch.linalg.solve(matrix, rhs)
 
 
 def cross_gram(
@@ -134,14 +149,39 @@ def cross_gram(
         raise ValueError(f"cross_gram needs paired weight lists, got {len(lefts)} and {len(rights)} matrices")
     width = lefts[0].shape[1]
     target = algebra_device(device or lefts[0].device)
-    total = torch.zeros(width, width, dtype=ALGEBRA_DTYPE, device=target)
     for a, b in zip(lefts, rights):
         if a.ndim != 2 or a.shape[1] != width or a.shape != b.shape:
             raise ValueError(f"every K/V weight must be [d_out, {width}] (paired ones equal), "
                              f"got {tuple(a.shape)} and {tuple(b.shape)}")
+    if target.type == "cpu" and all(a is b for a, b in zip(lefts, rights)):
+        return _cpu_gram(lefts, width)
+    total = torch.zeros(width, width, dtype=ALGEBRA_DTYPE, device=target)
+    for a, b in zip(lefts, rights):
         a64 = as_algebra(a, target)
         total += a64.T @ (a64 if b is a else as_algebra(b, target))
     return total
+
+
+# Rows per stacked block of the CPU Gram: tall enough for BLAS to run at
+# full speed, small enough to bound the float64 copy (8192 x 2048 = 128 MiB).
+_GRAM_BLOCK_ROWS = 8192
+
+
+def _cpu_gram(matrices: list[torch.Tensor], width: int) -> torch.Tensor:
+    """``sum W^T W`` in float64 on the CPU through NumPy, whose ``X.T @ X``
+    is a symmetric rank-k update (half the work of a general product; torch
+    has none), on blocks of stacked matrices."""
+    total = np.zeros((width, width))
+    block: list[np.ndarray] = []
+    rows = 0
+    for i, matrix in enumerate(matrices):
+        block.append(matrix.detach().to(device="cpu", dtype=ALGEBRA_DTYPE).numpy())
+        rows += matrix.shape[0]
+        if rows >= _GRAM_BLOCK_ROWS or i == len(matrices) - 1:
+            stacked = block[0] if len(block) == 1 else np.concatenate(block)
+            total += stacked.T @ stacked
+            block, rows = [], 0
+    return torch.from_numpy(total)
 
 
 def adversarial_from_grams(
@@ -167,7 +207,7 @@ def adversarial_from_grams(
         if anchor_rows.shape != concept_rows.shape:
             raise ValueError(f"anchor {tuple(anchor_rows.shape)} must match concept rows {tuple(concept_rows.shape)}")
         rhs = rhs + reg_scale * as_algebra(anchor_rows, device).T
-    return torch.linalg.solve(h, rhs).T
+    return spd_solve(h, rhs).T
 
 
 def adversarial_embedding(
@@ -202,3 +242,13 @@ def adversarial_embedding(
     t = as_algebra(transform, device)
     gt = as_algebra(gram_matrix, device) @ t
     return adversarial_from_grams(concept_rows, t.T @ gt, gt.T, reg_scale, anchor_rows)
+
+
+def edited_grams(gram_matrix: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(T^T G T, T^T G)`` for ``T = I + up @ down`` (``up [d, r]``,
+    ``down [r, d]``) in ``O(d^2 r)`` instead of the ``O(d^3)`` of dense
+    products: what ``adversarial_from_grams`` needs for a RECE edit."""
+    g = as_algebra(gram_matrix, up.device)
+    gt = g + (g @ up) @ down                 # G T
+    tgt = gt + down.T @ (up.T @ gt)          # T^T G T
+    return tgt, gt.T

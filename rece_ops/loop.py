@@ -11,7 +11,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .closed_form import adversarial_embedding, algebra_device, as_algebra, gram, uce_step
+from .closed_form import adversarial_from_grams, algebra_device, as_algebra, edited_grams, gram, uce_step
 from .erasure import Erasure
 from .settings import RECESettings
 from .texts import EncodedText, epoch_targets, uce_erase_rows
@@ -98,7 +98,9 @@ def erase(
     erase_rows = torch.cat([as_algebra(c, device) for c, _ in pairs])
     target_rows = torch.cat([as_algebra(t, device) for _, t in pairs])
     steps = [uce_step(erase_rows, target_rows, _stack_rows(preserves, device), **scales)]
-    current = steps[0].dense()
+    # The edit so far as T = I + up @ down: the adversarial system then costs
+    # O(d^2 r) to form instead of O(d^3).
+    up, down = steps[0].up, steps[0].down
     if callback:
         callback(1, total)
 
@@ -118,11 +120,15 @@ def erase(
     adversarial: list[tuple[torch.Tensor, ...]] = []
     for epoch in range(settings.epochs):
         # Every concept's c' is derived before this epoch's edit.
-        found = adversarial_embedding(concept_rows, current, g, settings.reg_scale, anchor_rows)
+        found = adversarial_from_grams(concept_rows, *edited_grams(g, up, down), settings.reg_scale, anchor_rows)
         adversarial.append(tuple(found.split(row_counts)))
         step = uce_step(found, guide_rows, epoch_keep, **scales)
         steps.append(step)
-        current = step.after(current)
+        # T (I + u v) = I + [up, T u] [down; v]
+        up = torch.cat([up, step.up + up @ (down @ step.up)], dim=1)
+        down = torch.cat([down, step.down])
+        if up.shape[1] > up.shape[0]:  # more columns than d: keep it d x d
+            up, down = up @ down, torch.eye(up.shape[0], dtype=up.dtype, device=up.device)
         if callback:
             callback(epoch + 2, total)
 
