@@ -19,20 +19,23 @@ MATCH_RTOL = 1e-4
 
 
 def kv_fingerprint(weights: Mapping[str, torch.Tensor]) -> list[float]:
-    """``[|W|_F, |W p|]`` for every matrix in name order (float64).
+    """``[|W|_F, |W p|]`` for every matrix in name order.
 
     ``p`` is a fixed random unit vector per width, so two weight sets that
-    differ anywhere (almost surely) differ in some ``|W p|``.
+    differ anywhere (almost surely) differ in some ``|W p|``. Computed in
+    float32 on the weights' device: its rounding (~1e-6) is far below
+    ``MATCH_RTOL``.
     """
     values: list[float] = []
-    probes: dict[int, torch.Tensor] = {}
+    probes: dict[tuple[int, torch.device], torch.Tensor] = {}
     for name in sorted(weights):
-        w = weights[name].detach().to(device="cpu", dtype=torch.float64)
-        width = w.shape[-1]
-        if width not in probes:
-            probe = torch.randn(width, generator=torch.Generator().manual_seed(_PROBE_SEED), dtype=torch.float64)
-            probes[width] = probe / probe.norm()
-        values += [float(w.norm()), float((w @ probes[width]).norm())]
+        w = weights[name].detach()
+        key = (w.shape[-1], w.device)
+        if key not in probes:
+            probe = torch.randn(w.shape[-1], generator=torch.Generator().manual_seed(_PROBE_SEED), dtype=torch.float64)
+            probes[key] = (probe / probe.norm()).to(device=w.device, dtype=torch.float32)
+        w = w.float()
+        values += [float(w.norm()), float((w @ probes[key]).norm())]
     return values
 
 
