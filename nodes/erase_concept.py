@@ -107,7 +107,7 @@ def erase_concepts(
     seconds["algebra"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    erased = transformed_clone(model, keys, erasure.edit, strength)
+    erased = transformed_clone(model, keys, erasure, strength)
     remember_erasure(erased, model, ErasureRecord(
         erasure, strength, tuple(keys), tuple(rece_ops.kv_fingerprint(weights)),
         (rece_ops.describe(erasure, method, 1.0),)))

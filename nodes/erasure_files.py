@@ -88,7 +88,7 @@ def load_erasure(model, erasure_name: str, strength: float) -> tuple[object, str
                          f"but this MODEL ({model_weights.family_name(model)}) reads a {width}-wide context: "
                          "use a file made for this model family")
     check_cancel()
-    erased = transformed_clone(model, keys, erasure.edit, strength)
+    erased = transformed_clone(model, keys, erasure, strength)
     remember_erasure(erased, model, ErasureRecord(erasure, strength, tuple(keys), tuple(loaded.fingerprint),
                                                   tuple(info["erasures"])))
     here = rece_ops.kv_fingerprint(weights)

@@ -48,10 +48,9 @@ def erase_report(
     target_rows = torch.cat([t for _, t in pairs])
     remaining = metrics.remaining_distance(gram_matrix, erasure, erase_rows, target_rows)
     drift = metrics.preserve_drift(gram_matrix, erasure, torch.cat([p.rows for p in preserves]))
-    recovery = max(
-        metrics.adversarial_recovery(gram_matrix, erasure, c.rows, epoch_targets(c, g), settings.reg_scale)
-        for c, g in zip(concepts, guides)
-    )
+    recovery = max(metrics.adversarial_recoveries(
+        gram_matrix, erasure, [c.rows for c in concepts], [epoch_targets(c, g) for c, g in zip(concepts, guides)],
+        settings.reg_scale))
     gram_time = "reused" if seconds.get("gram_cached") else f"{seconds['gram']:.2f} s"
     source = "published preset " + preset_name if preset_name != "custom" else "custom numbers"
     lines = [

@@ -14,43 +14,57 @@ import torch
 import comfy.model_management
 from comfy.weight_adapter.base import WeightAdapterBase
 
+from ..rece_ops import Erasure
+
 
 class KVTransformPatch(WeightAdapterBase):
-    """ComfyUI weight adapter holding ``T - I`` (float32, CPU)."""
+    """ComfyUI weight adapter holding ``T - I = up @ down`` (float32, CPU).
+
+    ``down`` None means ``up`` is the dense ``d x d`` edit. Factors of rank
+    ``r`` make applying the patch ``O(d_out d r)`` instead of ``O(d_out d^2)``.
+    """
 
     name = "rece_kv_transform"
 
-    def __init__(self, edit: torch.Tensor):
-        if edit.ndim != 2 or edit.shape[0] != edit.shape[1]:
-            raise ValueError(f"the edit must be a square d x d matrix, got {tuple(edit.shape)}")
+    def __init__(self, up: torch.Tensor, down: torch.Tensor | None = None):
+        width = up.shape[0]
+        if up.ndim != 2 or (down is None and up.shape[1] != width) or (
+                down is not None and (down.ndim != 2 or down.shape != (up.shape[1], width))):
+            raise ValueError(f"the edit must be d x d or factors [d, r] @ [r, d], got {tuple(up.shape)} and "
+                             f"{None if down is None else tuple(down.shape)}")
         self.loaded_keys = set()
-        # A plain tensor even when made in inference mode, so the patch also
+        # Plain tensors even when made in inference mode, so the patch also
         # applies where autograd is on (a weight read outside inference mode).
         with torch.inference_mode(False):
-            self.weights = [edit.detach().to(device="cpu", dtype=torch.float32).clone()]
+            self.weights = [t.detach().to(device="cpu", dtype=torch.float32).clone()
+                            for t in (up, down) if t is not None]
 
     @property
-    def edit(self) -> torch.Tensor:
-        return self.weights[0]
+    def width(self) -> int:
+        return self.weights[0].shape[0]
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
         if strength == 0.0:
             return weight
-        if weight.ndim != 2 or weight.shape[1] != self.edit.shape[0]:
-            raise ValueError(f"{key}: a {tuple(weight.shape)} weight does not read the {self.edit.shape[0]}-wide "
+        if weight.ndim != 2 or weight.shape[1] != self.width:
+            raise ValueError(f"{key}: a {tuple(weight.shape)} weight does not read the {self.width}-wide "
                              "context this erasure was made for")
         with torch.no_grad():
-            edit = comfy.model_management.cast_to_device(self.edit, weight.device, intermediate_dtype)
-            change = weight.to(intermediate_dtype) @ edit
+            change = weight.to(intermediate_dtype)
+            for factor in self.weights:
+                change = change @ comfy.model_management.cast_to_device(factor, weight.device, intermediate_dtype)
             weight += function((strength * change).type(weight.dtype))
         return weight
 
 
-def transformed_clone(model, keys, edit: torch.Tensor, strength: float = 1.0):
-    """A clone of ``model`` whose matrices ``keys`` become ``W @ (I + strength * edit)``."""
+def transformed_clone(model, keys, erasure: Erasure, strength: float = 1.0):
+    """A clone of ``model`` whose matrices ``keys`` become ``W @ (I + strength * (T - I))``."""
+    # Orthogonal factors (from the SVD, exact at the numerical rank) when they
+    # are thin (one concept: rank 306 of 768 or 2048); float32 keeps them accurate.
+    up, down = erasure.low_rank()
+    patch = KVTransformPatch(up, down) if 2 * up.shape[1] < up.shape[0] else KVTransformPatch(erasure.edit)
     clone = model.clone()
-    patch = KVTransformPatch(edit)
     missing = set(keys) - set(clone.add_patches({key: patch for key in keys}, strength))
     if missing:
         raise ValueError(f"the model has no weights named {sorted(missing)[:3]}")

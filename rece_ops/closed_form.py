@@ -106,7 +106,8 @@ def uce_step(
     c = as_algebra(erase_rows, device)
     t = as_algebra(target_rows, device)
     width = c.shape[1]
-    m = lamb * torch.eye(width, dtype=ALGEBRA_DTYPE, device=device) + erase_scale * (c.T @ c)
+    ctc = c.T @ c
+    m = lamb * torch.eye(width, dtype=ALGEBRA_DTYPE, device=device) + erase_scale * ctc
     if preserve_rows is not None and preserve_rows.numel():
         p = as_algebra(preserve_rows, device)
         if p.shape[1] != width:
@@ -114,13 +115,14 @@ def uce_step(
         m = m + preserve_scale * (p.T @ p)
     # The float64 sums are symmetric up to rounding; make M exactly so.
     m = 0.5 * (m + m.T)
+    if c.shape[0] > width:
+        # More erase rows than the context is wide (hundreds of concepts): form
+        # T - I = erase_scale*(T - C)^T C inv(M) directly as d x d, which
+        # is exact and avoids n-column factors.
+        edit = spd_solve(m, (erase_scale * ((t - c).T @ c)).T).T
+        return EditStep(up=edit, down=torch.eye(width, dtype=ALGEBRA_DTYPE, device=device))
     down = spd_solve(m, c.T).T  # C @ inv(M), M symmetric
-    up = erase_scale * (t - c).T
-    if up.shape[1] > width:
-        # More erase rows than the context is wide (hundreds of concepts):
-        # the d x d product is exact and smaller than the factors.
-        return EditStep(up=up @ down, down=torch.eye(width, dtype=ALGEBRA_DTYPE, device=device))
-    return EditStep(up=up, down=down)
+    return EditStep(up=erase_scale * (t - c).T, down=down)
 
 
 def spd_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

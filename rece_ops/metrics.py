@@ -7,7 +7,7 @@ per-layer work. The last two compare weight sets directly, matrix by matrix
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -59,13 +59,25 @@ def adversarial_recovery(
     reproduce the original concept's outputs exactly, 0 if it gets no closer
     than the guide ``t`` does, negative if even further away.
     """
+    return adversarial_recoveries(gram_matrix, erasure, [concept_rows], [guide_rows], reg_scale)[0]
+
+
+def adversarial_recoveries(
+    gram_matrix: torch.Tensor, erasure: Erasure, concept_rows: Sequence[torch.Tensor],
+    guide_rows: Sequence[torch.Tensor], reg_scale: float,
+) -> list[float]:
+    """``adversarial_recovery`` of several concepts, with one solve for all
+    (they share the system; only the right-hand sides differ)."""
     device = gram_matrix.device
-    c, t = as_algebra(concept_rows, device), as_algebra(guide_rows, device)
     transform = as_algebra(erasure.transform, device)
-    found = adversarial_embedding(c, transform, gram_matrix, reg_scale)
-    gap = _energy(gram_matrix, found @ transform.T - c) ** 0.5
-    baseline = _energy(gram_matrix, t - c) ** 0.5
-    return 1.0 - gap / baseline if baseline > 0 else 0.0
+    concepts = [as_algebra(c, device) for c in concept_rows]
+    found_all = adversarial_embedding(torch.cat(concepts), transform, gram_matrix, reg_scale)
+    out = []
+    for found, c, t in zip(found_all.split([len(c) for c in concepts]), concepts, guide_rows):
+        gap = _energy(gram_matrix, found @ transform.T - c) ** 0.5
+        baseline = _energy(gram_matrix, as_algebra(t, device) - c) ** 0.5
+        out.append(1.0 - gap / baseline if baseline > 0 else 0.0)
+    return out
 
 
 def output_miss(

@@ -727,3 +727,17 @@ def test_erasure_needs_at_least_one_step():
         Erasure(steps=())
     step = EditStep(up=torch.zeros(4, 1, dtype=F64), down=torch.zeros(1, 4, dtype=F64))
     assert torch.equal(Erasure(steps=(step,)).transform, torch.eye(4, dtype=F64))
+
+
+def test_a_step_with_more_erase_rows_than_the_width_is_one_exact_d_by_d_edit():
+    generator = torch.Generator().manual_seed(12)
+    width, rows = 16, 40
+    c = torch.randn(rows, width, generator=generator, dtype=F64)
+    t = torch.randn(rows, width, generator=generator, dtype=F64)
+    p = torch.randn(5, width, generator=generator, dtype=F64)
+    step = uce_step(c, t, p, lamb=0.1, erase_scale=1.0, preserve_scale=0.1)
+    assert step.up.shape == (width, width) and step.rank_bound == width
+    eye = torch.eye(width, dtype=F64)
+    m = 0.1 * eye + c.T @ c + 0.1 * p.T @ p
+    a = 0.1 * eye + t.T @ c + 0.1 * p.T @ p
+    assert relative_error(step.dense(), a @ torch.inverse(m)) <= 1e-10
