@@ -164,25 +164,33 @@ def cross_gram(
     return total
 
 
-# Rows per stacked block of the CPU Gram: tall enough for BLAS to run at
-# full speed, small enough to bound the float64 copy (8192 x 2048 = 128 MiB).
-_GRAM_BLOCK_ROWS = 8192
-
-
 def _cpu_gram(matrices: list[torch.Tensor], width: int) -> torch.Tensor:
     """``sum W^T W`` in float64 on the CPU through NumPy, whose ``X.T @ X``
     is a symmetric rank-k update (half the work of a general product; torch
-    has none), on blocks of stacked matrices."""
+    has none), on blocks of stacked matrices copied into one float64 buffer.
+
+    The buffer is a quarter of the weights' float64 size, between 16 and
+    128 MiB: tall enough for BLAS to run at full speed, small beside the
+    weights themselves.
+    """
+    total_rows = sum(m.shape[0] for m in matrices)
+    row_bytes = 8 * width
+    buffer_rows = max(min(total_rows // 4, (128 << 20) // row_bytes), (16 << 20) // row_bytes,
+                      max(m.shape[0] for m in matrices))
+    buffer = np.empty((min(buffer_rows, total_rows), width))
     total = np.zeros((width, width))
-    block: list[np.ndarray] = []
-    rows = 0
-    for i, matrix in enumerate(matrices):
-        block.append(matrix.detach().to(device="cpu", dtype=ALGEBRA_DTYPE).numpy())
-        rows += matrix.shape[0]
-        if rows >= _GRAM_BLOCK_ROWS or i == len(matrices) - 1:
-            stacked = block[0] if len(block) == 1 else np.concatenate(block)
-            total += stacked.T @ stacked
-            block, rows = [], 0
+    filled = 0
+    for matrix in matrices:
+        rows = matrix.shape[0]
+        if filled + rows > buffer.shape[0]:
+            block = buffer[:filled]
+            total += block.T @ block
+            filled = 0
+        buffer[filled:filled + rows] = matrix.detach().to(device="cpu", dtype=ALGEBRA_DTYPE).numpy()
+        filled += rows
+    if filled:
+        block = buffer[:filled]
+        total += block.T @ block
     return torch.from_numpy(total)
 
 
