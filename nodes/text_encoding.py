@@ -38,8 +38,12 @@ def encode_with_pooled(clip, text: str) -> tuple[EncodedText, torch.Tensor | Non
     rows = rows[0].to(device="cpu", dtype=torch.float32)
     if rows.shape[0] % len(words):
         raise ValueError(f"the CLIP gave {rows.shape[0]} rows for {len(words)} chunks of {text[:40]!r}")
-    encoded = EncodedText(rows, words[0] if len(words) == 1 else words, text)
-    return encoded, pooled
+    return _encoded(rows, words, text), pooled
+
+
+def _encoded(rows: torch.Tensor, words: tuple[int, ...], text: str) -> EncodedText:
+    """Rows and per-chunk word counts as ``EncodedText`` (one chunk: a plain count)."""
+    return EncodedText(rows, words[0] if len(words) == 1 else words, text)
 
 
 def encode_text(clip, text: str) -> EncodedText:
@@ -86,6 +90,5 @@ def _encode_batch(clip, batch: list[str], tokens: dict, words: dict) -> dict[str
     per_chunk = rows.shape[0] // sum(sizes)
     out = {}
     for text, part in zip(batch, rows.split([n * per_chunk for n in sizes])):
-        counts = words[text]
-        out[text] = EncodedText(part, counts[0] if len(counts) == 1 else counts, text)
+        out[text] = _encoded(part, words[text], text)
     return out

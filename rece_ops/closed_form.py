@@ -254,6 +254,15 @@ def adversarial_embedding(
     return adversarial_from_grams(concept_rows, t.T @ gt, gt.T, reg_scale, anchor_rows)
 
 
+def no_wider_than_d(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of ``T - I`` with at most ``d`` columns: as given, or the
+    dense ``(up @ down, I)`` when they have more (the same product, cheaper
+    to use from then on)."""
+    if up.shape[1] <= up.shape[0]:
+        return up, down
+    return up @ down, torch.eye(up.shape[0], dtype=up.dtype, device=up.device)
+
+
 def edited_grams(gram_matrix: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(T^T G T, T^T G)`` for ``T = I + up @ down`` (``up [d, r]``,
     ``down [r, d]``) in ``O(d^2 r)`` instead of the ``O(d^3)`` of dense

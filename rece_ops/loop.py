@@ -11,7 +11,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .closed_form import adversarial_from_grams, algebra_device, as_algebra, edited_grams, gram, uce_step
+from .closed_form import (adversarial_from_grams, algebra_device, as_algebra, edited_grams, gram,
+                          no_wider_than_d, uce_step)
 from .erasure import Erasure
 from .settings import RECESettings
 from .texts import EncodedText, epoch_targets, uce_erase_rows
@@ -125,10 +126,8 @@ def erase(
         step = uce_step(found, guide_rows, epoch_keep, **scales)
         steps.append(step)
         # T (I + u v) = I + [up, T u] [down; v]
-        up = torch.cat([up, step.up + up @ (down @ step.up)], dim=1)
-        down = torch.cat([down, step.down])
-        if up.shape[1] > up.shape[0]:  # more columns than d: keep it d x d
-            up, down = up @ down, torch.eye(up.shape[0], dtype=up.dtype, device=up.device)
+        up, down = no_wider_than_d(torch.cat([up, step.up + up @ (down @ step.up)], dim=1),
+                                   torch.cat([down, step.down]))
         if callback:
             callback(epoch + 2, total)
 

@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .closed_form import adversarial_embedding, as_algebra, cross_gram
+from .closed_form import adversarial_from_grams, as_algebra, cross_gram, edited_grams, no_wider_than_d
 from .erasure import Erasure
 
 
@@ -71,7 +71,9 @@ def adversarial_recoveries(
     device = gram_matrix.device
     transform = as_algebra(erasure.transform, device)
     concepts = [as_algebra(c, device) for c in concept_rows]
-    found_all = adversarial_embedding(torch.cat(concepts), transform, gram_matrix, reg_scale)
+    # The system from the edit's factors, as the RECE loop forms it.
+    up, down = no_wider_than_d(*(as_algebra(f, device) for f in erasure.factors))
+    found_all = adversarial_from_grams(torch.cat(concepts), *edited_grams(gram_matrix, up, down), reg_scale)
     out = []
     for found, c, t in zip(found_all.split([len(c) for c in concepts]), concepts, guide_rows):
         gap = _energy(gram_matrix, found @ transform.T - c) ** 0.5
