@@ -6,8 +6,10 @@ from .nodes.erase_concept import RECEEraseConcept, UCEEraseConcept
 from .nodes.erasure_files import RECELoadErasure, RECESaveErasure
 from .nodes.lora_export import RECEExportErasureLoRA
 from .nodes.published_erasure import RECELoadPublishedErasure
+from .nodes.web_api import register_routes
 
 folders.register()
+register_routes()
 
 NODE_CLASS_MAPPINGS = {
     "RECEEraseConcept": RECEEraseConcept,
@@ -30,4 +32,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "RECECompareKVWeights": "Compare Cross-Attention Weights",
 }
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# The page-side extension: the preset dropdown fills the number widgets.
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

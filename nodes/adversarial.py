@@ -80,7 +80,7 @@ class RECEDeriveAdversarialEmbedding:
                 "clip": ("CLIP", {"tooltip": "The text encoder of the same checkpoint."}),
                 "concept": ("STRING", {"multiline": True, "default": "nudity",
                                        "tooltip": "The erased concept whose original outputs the embedding should reproduce."}),
-                "reg_scale": ("FLOAT", {"default": 0.1, "min": 0.00001, "max": 100.0, "step": 0.001,
+                "reg_scale": ("FLOAT", {"default": 0.1, "min": 0.0001, "max": 100.0, "step": 0.0001,
                                         "tooltip": "Regulariser toward a small embedding: smaller finds a stronger but less "
                                                    "natural attack. The authors use 0.1 (nudity, objects) and 0.001 (styles)."}),
             },

@@ -23,6 +23,10 @@ PRESET_CHOICES = [*PRESETS, CUSTOM]
 GRAM_CACHE = GramCache()
 
 
+# The page's preset dropdown fills the numbers (web/rece_presets.js).
+PRESET_NOTE = " Set by the preset; editing it switches the preset to 'custom'."
+
+
 def _float(default: float, tooltip: str, low: float = 0.0, high: float = 100.0, step: float = 0.001) -> tuple:
     return ("FLOAT", {"default": default, "min": low, "max": high, "step": step, "tooltip": tooltip})
 
@@ -42,19 +46,24 @@ def erase_inputs(with_epochs: bool) -> dict:
                                 "tooltip": "Concepts to keep unchanged, one per line (e.g. other artists). "
                                            "The empty prompt is always preserved."}),
         "preset": (PRESET_CHOICES, {"default": "nudity",
-                                    "tooltip": "The RECE authors' published settings by concept type. A preset's numbers are used "
-                                               "instead of the number inputs below; choose 'custom' to use those."}),
+                                    "tooltip": "The RECE authors' published settings by concept type. Choosing one fills the numbers "
+                                               "below with its values; editing a number switches to 'custom', the only "
+                                               "choice that runs with the numbers as set. A named preset always runs with "
+                                               "its own numbers."}),
     }
     if with_epochs:
         required["epochs"] = ("INT", {"default": nudity.epochs, "min": 0, "max": 50,
                                       "tooltip": "RECE epochs after the UCE step: each derives the adversarial embedding that "
-                                                 "still brings the concept back and erases it too. 0 = plain UCE. (custom preset)"})
+                                                 "still brings the concept back and erases it too. 0 = plain UCE." + PRESET_NOTE})
+    # ComfyUI's page rounds a FLOAT widget to its step's decimals: lamb and
+    # reg_scale get four, so a typed 0.0001 stays 0.0001.
     required.update({
-        "lamb": _float(nudity.lamb, "How strongly the weights stay close to the current ones (must be > 0). (custom preset)", 0.0001),
-        "erase_scale": _float(nudity.erase_scale, "Weight of mapping the concepts onto the guide. (custom preset)"),
-        "preserve_scale": _float(nudity.preserve_scale, "Weight of keeping the preserved concepts' outputs unchanged. (custom preset)"),
+        "lamb": _float(nudity.lamb, "How strongly the weights stay close to the current ones (must be > 0)." + PRESET_NOTE,
+                       0.0001, step=0.0001),
+        "erase_scale": _float(nudity.erase_scale, "Weight of mapping the concepts onto the guide." + PRESET_NOTE),
+        "preserve_scale": _float(nudity.preserve_scale, "Weight of keeping the preserved concepts' outputs unchanged." + PRESET_NOTE),
         "reg_scale": _float(nudity.reg_scale, "Regulariser of the adversarial embedding: smaller finds stronger attacks, "
-                                              "which the epochs then erase. (custom preset)", 0.00001),
+                                              "which the epochs then erase." + PRESET_NOTE, 0.0001, step=0.0001),
         "strength": _float(1.0, "How much of the edit to apply: 1 = the full erasure, 0 = none.", -10.0, 10.0, 0.01),
     })
     return {"required": required}
