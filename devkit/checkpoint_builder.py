@@ -21,6 +21,11 @@ Variants:
                  per level, depth-1 transformers everywhere (7 cross-attention
                  layers, 44M parameters), full CLIP-L, TAESD-shaped VAE (about
                  324 MiB in fp16). ComfyUI still detects it as ``SD15``.
+  ``sd15-mini``  the UNet shape of the trained shapes demo model
+                 (``devkit.shapes_model``): channel_mult [1], one res block,
+                 no middle block, 3 cross-attention layers (18.7M), full
+                 CLIP-L, TAESD-shaped VAE. Its CLIP-L is the demo model's
+                 frozen text encoder.
   ``sd15-full``  benchmarks: the exact SD1.5 UNet (16 cross-attention layers,
                  860M), CLIP-L and the SD KL VAE (about 2 GB in fp16).
   ``sd2-slim``   tests: an SD2.x UNet (context 1024, linear projections,
@@ -99,6 +104,10 @@ UNET_CONFIGS = {
                       transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
                       transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
                       transformer_depth_middle=1),
+    # The trained shapes demo model (devkit.shapes_model): no downsampling, no
+    # middle block, three cross-attention layers; still detected as SD15.
+    "sd15-mini": dict(_SD15_UNET, num_res_blocks=[1], channel_mult=[1], transformer_depth=[1],
+                      transformer_depth_output=[1, 1], transformer_depth_middle=-2),
     "sd2-slim": dict(_SD2_UNET, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 1, 1, 1],
                      transformer_depth=[1, 1, 0, 0, 0, 0, 0, 0],
                      transformer_depth_output=[1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -115,7 +124,7 @@ UNET_CONFIGS = {
 # Output depths are listed from the last output block back (UNetModel pops them).
 UNET_CONFIGS["sd2-v-slim"] = UNET_CONFIGS["sd2-slim"]
 # Variant -> (ComfyUI model config class, VAE kind).
-FAMILY = {"sd15-slim": "SD15", "sd15-full": "SD15", "sd2-slim": "SD20", "sd2-v-slim": "SD20",
+FAMILY = {"sd15-slim": "SD15", "sd15-full": "SD15", "sd15-mini": "SD15", "sd2-slim": "SD20", "sd2-v-slim": "SD20",
           "sdxl-slim": "SDXL", "sdxl-full": "SDXL"}
 VAE_KINDS = {v: ("kl" if v.endswith("-full") else "taesd") for v in FAMILY}
 VARIANTS = tuple(FAMILY)
@@ -152,17 +161,15 @@ def _meta_modules(variant: str) -> list[tuple[str, str, torch.nn.Module]]:
     import comfy.ops
     import comfy.sd1_clip
     import comfy.sdxl_clip
-    import comfy.supported_models
     import comfy.taesd.taesd
     import comfy.text_encoders.sd2_clip
     from comfy.ldm.models.autoencoder import AutoencoderKL
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     family = FAMILY[variant]
-    model_config = getattr(comfy.supported_models, family)(UNET_CONFIGS[variant])  # adds num_heads etc.
-    unet_kwargs = {k: (list(v) if isinstance(v, list) else v) for k, v in model_config.unet_config.items()}
+    kwargs = unet_kwargs(variant)
     with torch.device("meta"):
-        modules = [(UNET_PREFIX, "plain", UNetModel(**unet_kwargs, device="meta", operations=comfy.ops.disable_weight_init))]
+        modules = [(UNET_PREFIX, "plain", UNetModel(**kwargs, device="meta", operations=comfy.ops.disable_weight_init))]
         if family == "SD15":
             modules.append((CLIP_PREFIX, "hf_clip", comfy.sd1_clip.SDClipModel(device="meta")))
         elif family == "SD20":
@@ -176,6 +183,16 @@ def _meta_modules(variant: str) -> list[tuple[str, str, torch.nn.Module]]:
             vae = AutoencoderKL(ddconfig=dict(_SD_VAE_DDCONFIG), embed_dim=4)
         modules.append((VAE_PREFIX, "plain", vae))
     return modules
+
+
+def unet_kwargs(variant: str) -> dict:
+    """The arguments of ComfyUI's ``UNetModel`` for ``variant``, as ComfyUI would
+    build it after detecting the file (the family's config adds num_heads etc.)."""
+    host.prepare_comfy_imports()
+    import comfy.supported_models
+
+    model_config = getattr(comfy.supported_models, FAMILY[variant])(UNET_CONFIGS[variant])
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in model_config.unet_config.items()}
 
 
 _OPENCLIP_RESBLOCK = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",

@@ -11,7 +11,10 @@ EXTRA_PATHS_FILE = HOST_DIR / "extra_model_paths.yaml"
 STUBS_DIR = HOST_DIR / "stubs"
 PACK_LINK_NAME = "comfyui-rece"
 
-# The test/demo checkpoint that the set-up builds and the main job defaults to.
+# The trained shapes demo model (devkit.shapes_model), assembled by the set-up
+# from the shipped weights: the main job's default checkpoint.
+DEMO_NAME = "rece_demo_shapes_sd15.safetensors"
+# The random-weight SD1.5 test checkpoint that the set-up builds.
 SLIM_SD15_NAME = "rece_test_sd15_slim.safetensors"
 # Every slim test checkpoint the set-up builds: family -> (builder variant, file name).
 SLIM_CHECKPOINTS = {

@@ -182,6 +182,12 @@ def ensure_checkpoints() -> None:
             continue
         log(f"building the slim {variant} test checkpoint {target.name}")
         checkpoint_builder.build_checkpoint(target, variant=variant, seed=0)
+    demo = paths.CHECKPOINT_DIR / paths.DEMO_NAME
+    if not demo.exists():
+        from devkit.shapes_model import assemble
+
+        log(f"assembling the trained shapes demo checkpoint {demo.name}")
+        assemble.assemble(demo)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """The main job: erase concepts from a checkpoint by running the pack's example workflow on a ComfyUI server.
 
     .venv/bin/python scripts/erase_checkpoint.py [CHECKPOINT.safetensors]
-        [--concepts "nudity"] [--preset nudity] [--guide ""] [--preserve "..."] [--epochs N]
+        [--concepts "circle"] [--preset nudity] [--guide ""] [--preserve "..."] [--epochs N]
         [--prompt "..."] [--seed N] [--size PX] [--steps N]
         [--output-prefix checkpoints/rece_nudity] [--output-dir DIR] [--no-save]
 
@@ -41,6 +41,10 @@ PROMPT_TITLE = "Prompt (both samplers)"
 # A user's checkpoint is linked under this subfolder of a per-run model folder,
 # so its name can never collide with a file in ComfyUI's own folders.
 LINK_SUBFOLDER = "rece-main-job"
+# The demo checkpoint draws "a {red|green|blue} {circle|square|triangle}" at 64x64.
+DEMO_CONCEPT = "circle"
+DEMO_PROMPT = "a blue circle"
+DEMO_SAMPLER = {"cfg": 5.0, "sampler_name": "euler", "scheduler": "normal"}
 
 
 class UsageError(Exception):
@@ -59,20 +63,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", nargs="?", type=Path,
-                        help=f"SD1.x, SD2.x or SDXL .safetensors checkpoint (default: the demo checkpoint {paths.SLIM_SD15_NAME})")
-    parser.add_argument("--concepts", default="nudity", help="concepts to erase, one per line or comma-separated (default: nudity)")
+                        help=f"SD1.x, SD2.x or SDXL .safetensors checkpoint (default: the trained shapes demo "
+                             f"checkpoint {paths.DEMO_NAME})")
+    parser.add_argument("--concepts", default=None,
+                        help=f"concepts to erase, one per line or comma-separated (default: {DEMO_CONCEPT!r} on the "
+                             "demo checkpoint, 'nudity' on others)")
     parser.add_argument("--preset", default="nudity", choices=sorted(PRESETS), help="the authors' published settings (default: nudity)")
     parser.add_argument("--guide", default=None, help="what the concepts become (default: the preset's guide)")
     parser.add_argument("--preserve", default="", help="concepts to preserve, comma-separated (default: none; the empty prompt always is)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="RECE epochs instead of the preset's (0 = plain UCE); the preset's other numbers are kept")
-    parser.add_argument("--prompt", default=None, help="prompt of both samplers (default: the concepts themselves)")
+    parser.add_argument("--prompt", default=None,
+                        help=f"prompt of both samplers (default: {DEMO_PROMPT!r} on the demo checkpoint, the concepts "
+                             "themselves on others)")
     parser.add_argument("--seed", type=int, default=None, help="seed of both samplers (default: the workflow's)")
     parser.add_argument("--size", type=int, default=None,
                         help="image width and height (default: 64 for the demo checkpoint, 256 for others on CPU, "
                              "the workflow's 512 on a GPU)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="sampling steps (default: 4 for the demo checkpoint, 12 for others on CPU, the workflow's on a GPU)")
+                        help="sampling steps (default: 20 for the demo checkpoint, 12 for others on CPU, the workflow's on a GPU)")
     parser.add_argument("--output-prefix", default=None,
                         help="CheckpointSave prefix (default checkpoints/rece_<concept>)")
     parser.add_argument("--output-dir", type=Path, default=None,
@@ -84,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_checkpoint(path: Path | None) -> Path:
     """The checkpoint file to use, after reading its header (a clear message beats a loader error)."""
     if path is None:
-        path = paths.CHECKPOINT_DIR / paths.SLIM_SD15_NAME
+        path = paths.CHECKPOINT_DIR / paths.DEMO_NAME
         if not path.exists():
             raise UsageError(f"the demo checkpoint {path} is missing: run scripts/setup.sh")
     path = path.expanduser().resolve()
@@ -130,6 +139,10 @@ def validate(args: argparse.Namespace) -> tuple[Path, list[str]]:
     """Everything that can be checked before the server starts."""
     import rece_ops
 
+    if args.concepts is None:
+        args.concepts = DEMO_CONCEPT if args.checkpoint is None else "nudity"
+    if args.prompt is None and args.checkpoint is None:
+        args.prompt = DEMO_PROMPT
     concepts = rece_ops.split_concepts(args.concepts)
     if not concepts:
         raise UsageError("no concepts given: pass --concepts 'name'")
@@ -171,8 +184,10 @@ def graph_for(args: argparse.Namespace, object_info: dict, ckpt_name: str, conce
     seed = args.seed if args.seed is not None else graph[sampler]["inputs"]["seed"]
     (latent,) = workflows.api_nodes(graph, "EmptyLatentImage")
     size = args.size or (64 if demo else 256 if on_cpu else graph[latent]["inputs"]["width"])
-    steps = args.steps or (4 if demo else 12 if on_cpu else graph[sampler]["inputs"]["steps"])
+    steps = args.steps or (20 if demo else 12 if on_cpu else graph[sampler]["inputs"]["steps"])
     graph = workflows.with_inputs(graph, class_type="KSampler", seed=seed, steps=steps)
+    if demo:  # the settings the demo model was measured with
+        graph = workflows.with_inputs(graph, class_type="KSampler", **DEMO_SAMPLER)
     graph = workflows.with_inputs(graph, class_type="EmptyLatentImage", width=size, height=size)
     chosen = {"prompt": prompt, "seed": seed, "size": size, "steps": steps}
     if not args.no_save:
@@ -234,7 +249,7 @@ def run(args: argparse.Namespace, checkpoint: Path, concepts: list[str], started
     output_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="rece-main-job-"))
     try:
-        ckpt_name, extra_model_paths = paths.SLIM_SD15_NAME, None
+        ckpt_name, extra_model_paths = paths.DEMO_NAME, None
         if not demo:
             extra_model_paths, ckpt_name = model_paths_yaml(workdir, checkpoint)
         t0 = time.perf_counter()
@@ -256,7 +271,7 @@ def run(args: argparse.Namespace, checkpoint: Path, concepts: list[str], started
                       "(the server log's end is above)", file=sys.stderr)
                 return 1
             graph, chosen = graph_for(args, object_info, ckpt_name, concepts, demo, on_cpu)
-            print(f"checkpoint      {checkpoint}" + (" (demo checkpoint: random weights)" if demo else ""))
+            print(f"checkpoint      {checkpoint}" + (" (the trained shapes demo model)" if demo else ""))
             print(f"workflow        {WORKFLOW.relative_to(paths.REPO_ROOT)}: {chosen['size']}x{chosen['size']}, "
                   f"{chosen['steps']} steps, seed {chosen['seed']}, prompt {shorten(chosen['prompt'])!r}"
                   f"{' (CPU)' if on_cpu else ''}")
