@@ -8,6 +8,7 @@ widgets, overlapping nodes) and writes it. The shipped files are this
 script's output; edit here, not in the JSON.
 """
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,7 @@ CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
 NOTE_COLOR = {"color": "#432", "bgcolor": "#653"}
 ERASED_COLOR = {"color": "#322", "bgcolor": "#533"}      # the erased model's path
 ORIGINAL_COLOR = {"color": "#223", "bgcolor": "#335"}    # the original model's path
+TITLE_HEIGHT = 30  # the page draws a node's title bar above its pos
 KSAMPLER = dict(steps=25, cfg=7.5, sampler="euler", scheduler="normal")
 SEED = 1234
 
@@ -36,7 +38,23 @@ def erase_widgets(concepts, guide, preserve, preset, epochs, lamb, erase_scale, 
     return values + [lamb, erase_scale, preserve_scale, reg_scale, strength]
 
 
+def opening_view(workflow, room=(1500, 850), top_left=(60, 130)):
+    """The canvas view the page opens the workflow with (``extra.ds``): the
+    note and the loader in view below the page's floating workflow menu, the
+    whole graph as far as a 1920x1080 window's canvas (``room``) allows, never
+    below 0.6, where the page stops drawing the widgets' text."""
+    nodes = workflow["nodes"]
+    x0 = min(n["pos"][0] for n in nodes)
+    y0 = min(n["pos"][1] - TITLE_HEIGHT for n in nodes)
+    x1 = max(n["pos"][0] + n["size"][0] for n in nodes)
+    y1 = max(n["pos"][1] + n["size"][1] for n in nodes)
+    scale = min(room[0] / (x1 - x0), room[1] / (y1 - y0))
+    scale = max(0.6, min(0.8, math.floor(scale * 20) / 20))
+    return {"scale": scale, "offset": [round(top_left[0] / scale - x0), round(top_left[1] / scale - y0)]}
+
+
 def check(name, workflow):
+    workflow["extra"]["ds"] = opening_view(workflow)
     problems = (structure_errors(workflow) + link_type_errors(workflow, INFO)
                 + widget_count_errors(workflow, INFO) + overlapping_nodes(workflow))
     if problems:
