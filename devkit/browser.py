@@ -150,9 +150,15 @@ class ComfyPage:
         and return the results' text (display name, category, source), best first.
         The search box stays open (Enter adds the first result, Escape closes it)."""
         x, y = self.canvas_point(*at)
-        self.page.mouse.dblclick(x, y)
         box = self.page.locator(".comfy-vue-node-search-container input, .p-autocomplete-input").first
-        box.wait_for(timeout=10000)
+        for attempt in range(3):  # a busy page can take a slow double-click for two clicks
+            self.page.mouse.dblclick(x, y, delay=20)
+            try:
+                box.wait_for(timeout=4000)
+                break
+            except Exception:  # noqa: BLE001
+                if attempt == 2:
+                    raise
         box.fill(query)
         self.settle(0.8)
         return [t for t in self.js(
@@ -195,14 +201,19 @@ class ComfyPage:
 
     def open_template(self, name: str, module: str = PACK_MODULE) -> None:
         """Open a workflow from the templates browser: the pack's entry, then its card."""
-        if not self.page.get_by_text(module, exact=True).count():
+        dialog = self.page.locator("[data-testid=template-workflows-content]")
+        if not dialog.count():
             self.sidebar("Templates")
-        self.page.get_by_text(module, exact=True).first.click()
-        self.settle(0.5)
-        self.page.get_by_text(name, exact=True).first.click()
+            dialog.first.wait_for(timeout=15000)
+        self.page.locator(".p-dialog").get_by_text(module, exact=True).first.click()
+        card = self.page.locator(f"[data-testid=template-workflow-{name}]").first
+        card.wait_for(timeout=15000)
+        card.click()
+        # A second copy of an open workflow opens as "<name> (2)".
         self.page.wait_for_function(
-            "(name) => !document.querySelector('.p-dialog-mask') && app.graph.nodes.length > 0"
-            " && (app.extensionManager.workflow.activeWorkflow?.filename === name)", arg=name, timeout=30000)
+            "(name) => { const open = app.extensionManager.workflow.activeWorkflow?.filename ?? '';"
+            " return !document.querySelector('.p-dialog-mask') && app.graph.nodes.length > 0"
+            " && (open === name || open.startsWith(name + ' (')) }", arg=name, timeout=30000)
         self.settle(1.0)
 
     def fit_view(self) -> None:
