@@ -174,6 +174,19 @@ def open_every_workflow(check: Checks, comfy: browser.ComfyPage) -> None:
     comfy.settle(1.5)
     check.that(missing_nodes_shown(comfy), "self-check: a workflow with an unknown node type showed no missing-nodes warning")
     comfy.close_dialogs()
+    # A file whose numbers disagree with its named preset opens showing the preset's numbers (what runs).
+    stale = json.loads((EXAMPLES / f"{RUN_WORKFLOW}.json").read_text())
+    (eraser,) = [n for n in stale["nodes"] if n["type"] == "RECEEraseConcept"]
+    preset = eraser["widgets_values"][3]
+    eraser["widgets_values"][0] = "stale numbers"  # concepts: tells this graph from the one before
+    eraser["widgets_values"][4:9] = [7, 0.5, 2.0, 0.3, 0.05]  # epochs, lamb, erase_scale, preserve_scale, reg_scale
+    comfy.js("(w) => app.loadGraphData(w, true, true, 'stale preset numbers')", stale)
+    comfy.settle(1.0)
+    (opened,) = [n for n in comfy.nodes() if n["type"] == "RECEEraseConcept"]
+    shown, expected = numbers_of(opened["widgets"], "RECEEraseConcept"), preset_numbers(preset, "RECEEraseConcept")
+    check.that(opened["widgets"]["concepts"] == "stale numbers" and opened["widgets"]["preset"] == preset
+               and close(shown, expected),
+               f"a file with preset {preset!r} and other numbers opens showing {opened['widgets']}, expected {expected}")
     for name in EXAMPLE_NAMES:
         workflow = json.loads((EXAMPLES / f"{name}.json").read_text())
         comfy.open_template(name)
