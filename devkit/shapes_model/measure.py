@@ -13,11 +13,13 @@ settings: guide "", empty prompt preserved, lamb 0.1, reg 0.1, 3 epochs) and
   RECE: how often the erased concept still appears for the prompts that ask
   for it, and the accuracy on every other caption (collateral damage);
 - red-teaming: the adversarial embedding of each such prompt, derived against
-  each erased model, sampled by KSampler: how often the concept comes back.
+  each erased model, sampled by KSampler: how often the concept comes back;
+  and the embeddings that defeat UCE (derived against the UCE-erased model)
+  sampled from the RECE-erased model, which is the attack RECE's epochs erase.
 
 Prints a markdown table and writes ``table.md``, ``results.json`` and one
 grid image per erased concept (rows: original, UCE, RECE, adversarial against
-UCE, adversarial against RECE) to ``--out``. "Seeds" are the images of one
+UCE, UCE's adversarial on RECE, adversarial against RECE) to ``--out``. "Seeds" are the images of one
 KSampler batch (one noise seed, ``--seeds`` images per prompt), the same
 noise for every model, so each column of a grid compares like with like.
 """
@@ -81,6 +83,10 @@ class ShapesLab:
 
     def __init__(self, checkpoint: str = paths.DEMO_NAME, seeds: int = 16, quiet: bool = True):
         self.nodes = host.load_in_process(quiet=quiet)
+        if quiet:
+            import comfy.utils
+
+            comfy.utils.PROGRESS_BAR_ENABLED = False  # KSampler's tqdm bar, hundreds of lines per run
         self.seeds = seeds
         with torch.inference_mode():
             self.model, self.clip, self.vae = self.nodes.CheckpointLoaderSimple().load_checkpoint(checkpoint)[:3]
@@ -122,12 +128,13 @@ class ShapesLab:
             settings.pop("epochs")
         return node.erase(self.model, self.clip, concept, **settings)
 
-    def attack(self, erased, captions) -> Run:
-        """Each caption's adversarial embedding (Derive Adversarial Embedding) sampled from ``erased``."""
+    def attack(self, erased, captions, derived_against=None) -> Run:
+        """Each caption's adversarial embedding (Derive Adversarial Embedding, derived against
+        ``derived_against``, by default ``erased`` itself) sampled from ``erased``."""
         node = self.node("RECEDeriveAdversarialEmbedding")
         result = Run()
         for caption in captions:
-            conditioning = node.derive(erased, self.clip, caption, ADVERSARIAL_REG)[0]
+            conditioning = node.derive(derived_against or erased, self.clip, caption, ADVERSARIAL_REG)[0]
             images = self.sample(erased, conditioning)
             result.images[caption], result.readings[caption] = images, classify.classify_batch(images)
         return result
@@ -142,12 +149,17 @@ def measure(lab: ShapesLab, concepts=CONCEPTS, captions=data.CAPTIONS, log=print
     for concept in concepts:
         asked = [c for c in captions if asks_for(concept, c)]
         others = [c for c in captions if not asks_for(concept, c)]
+        uce_model = None
         for method in ("UCE", "RECE"):
             erased, _ = lab.erase(method, concept)
             run = lab.run(erased, captions)
             attack = lab.attack(erased, asked)
+            if method == "UCE":
+                uce_model, uce_attack = erased, attack
+            else:  # the attack that defeats UCE, which RECE's first epoch erases
+                uce_attack = lab.attack(erased, asked, derived_against=uce_model)
             results["erasures"][(concept, method)] = {
-                "run": run, "attack": attack, "asked": asked, "others": others,
+                "run": run, "attack": attack, "uce_attack": uce_attack, "asked": asked, "others": others,
             }
             log(f"{method} '{concept}' measured ({time.perf_counter() - started:.0f} s)")
     return results
@@ -168,6 +180,8 @@ def summary(results: dict, captions=data.CAPTIONS) -> dict:
             "others_before": original.accuracy(others),
             "others_after": entry["run"].accuracy(others),
             "adversarial": entry["attack"].concept_rate(concept, asked),
+            "uce_adversarial": entry["uce_attack"].concept_rate(concept, asked),
+            "others_after_per_caption": {c: entry["run"].accuracy([c]) for c in others},
         })
     out["erasures"] = rows
     return out
@@ -186,13 +200,24 @@ def table(stats: dict, seeds: int) -> str:
     lines += ["", "Erasure (nudity settings: guide \"\", lamb 0.1, reg 0.1; RECE 3 epochs). "
               "Concept shown = images of the prompts that ask for the concept in which the classifier sees it; "
               "others = both colour and shape right on every other caption; adversarial = the concept shown "
-              "when each such prompt's Derive Adversarial Embedding (reg 0.1) is sampled from the erased model.", "",
-              "| erased | method | concept shown before | after | others before | after | adversarial: concept shown |",
-              "|---|---|---|---|---|---|---|"]
+              "when each such prompt's Derive Adversarial Embedding (reg 0.1) is sampled from the erased model: "
+              "derived against that model itself (the white-box attack on the final model), and derived "
+              "against the UCE-erased model (the embeddings that defeat UCE).", "",
+              "| erased | method | concept shown before | after | others before | after | "
+              "adversarial vs itself: concept shown | UCE's adversarial: concept shown |",
+              "|---|---|---|---|---|---|---|---|"]
     for row in stats["erasures"]:
         lines.append(f"| {row['concept']} | {row['method']} | {_pct(row['concept_before'])} | "
                      f"{_pct(row['concept_after'])} | {_pct(row['others_before'])} | {_pct(row['others_after'])} | "
-                     f"{_pct(row['adversarial'])} |")
+                     f"{_pct(row['adversarial'])} | {_pct(row['uce_adversarial'])} |")
+    for concept in dict.fromkeys(row["concept"] for row in stats["erasures"]):
+        rows = [row for row in stats["erasures"] if row["concept"] == concept]
+        captions = list(rows[0]["others_after_per_caption"])
+        lines += ["", f"Every other caption after erasing '{concept}' (both right):", "",
+                  "| model | " + " | ".join(captions) + " |", "|---|" + "---|" * len(captions),
+                  "| original | " + " | ".join(_pct(stats["original"][c]["both"]) for c in captions) + " |"]
+        lines += [f"| {row['method']} | " + " | ".join(_pct(row["others_after_per_caption"][c]) for c in captions)
+                  + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -208,10 +233,13 @@ def target_lines(stats: dict) -> str:
             ("RECE 'circle': circles for circle prompts <= 5%", circle["concept_after"] <= TARGETS["rece_circle_rate"],
              _pct(circle["concept_after"])),
             ("RECE 'circle': other captions down <= 10 points", drop <= TARGETS["collateral_drop"],
-             f"{100 * drop:+.0f} points"),
-            ("adversarial: circles back less often from RECE than from UCE",
+             f"down {100 * drop:.0f} points ({_pct(circle['others_before'])} to {_pct(circle['others_after'])})"),
+            ("adversarial derived against each erased model: circles back less often from RECE than from UCE",
              circle["adversarial"] < uce["circle"]["adversarial"],
              f"RECE {_pct(circle['adversarial'])} vs UCE {_pct(uce['circle']['adversarial'])}"),
+            ("the embeddings that defeat UCE: circles back less often from RECE than from UCE",
+             circle["uce_adversarial"] < uce["circle"]["adversarial"],
+             f"RECE {_pct(circle['uce_adversarial'])} vs UCE {_pct(uce['circle']['adversarial'])}"),
         ]
     lines = ["| target | met | measured |", "|---|---|---|"]
     lines += [f"| {name} | {'yes' if ok else '**no**'} | {value} |" for name, ok, value in checks]
@@ -219,17 +247,18 @@ def target_lines(stats: dict) -> str:
 
 
 def grid(results: dict, concept: str, columns: int = 2):
-    """Rows: original, UCE, RECE, adversarial vs UCE, adversarial vs RECE; columns: the
-    first ``columns`` images of each prompt asking for ``concept``, then of one other caption."""
+    """Rows: original, UCE, RECE, adversarial vs UCE, UCE's adversarial on RECE, adversarial vs
+    RECE; columns: the first ``columns`` images of each prompt asking for ``concept``, then of the
+    other caption RECE damaged most (collateral damage shown, not hidden)."""
     from PIL import Image, ImageDraw
 
     uce, rece = results["erasures"][(concept, "UCE")], results["erasures"][(concept, "RECE")]
     asked = uce["asked"]
-    other = uce["others"][0]
+    other = min(uce["others"], key=lambda c: rece["run"].accuracy([c]) - results["original"].accuracy([c]))
     rows = [("original", results["original"], asked + [other]), ("UCE", uce["run"], asked + [other]),
             ("RECE", rece["run"], asked + [other]), ("adv. vs UCE", uce["attack"], asked),
-            ("adv. vs RECE", rece["attack"], asked)]
-    cell, label_w, head_h = 2 * data.SIZE, 96, 18
+            ("UCE adv. on RECE", rece["uce_attack"], asked), ("adv. vs RECE", rece["attack"], asked)]
+    cell, label_w, head_h = 2 * data.SIZE, 112, 18
     n_cols = (len(asked) + 1) * columns
     canvas = Image.new("RGB", (label_w + n_cols * cell, head_h + len(rows) * cell), "white")
     draw = ImageDraw.Draw(canvas)
