@@ -19,9 +19,10 @@ settings: guide "", empty prompt preserved, lamb 0.1, reg 0.1, 3 epochs) and
 
 Prints a markdown table and writes ``table.md``, ``results.json`` and one
 grid image per erased concept (rows: original, UCE, RECE, adversarial against
-UCE, UCE's adversarial on RECE, adversarial against RECE) to ``--out``. "Seeds" are the images of one
-KSampler batch (one noise seed, ``--seeds`` images per prompt), the same
-noise for every model, so each column of a grid compares like with like.
+UCE, UCE's adversarial on RECE, adversarial against RECE) to ``--out``.
+"Seeds" are the images of one KSampler batch (one noise seed, ``--seeds``
+images per prompt), the same noise for every model, so each column of a grid
+compares like with like.
 """
 from __future__ import annotations
 
