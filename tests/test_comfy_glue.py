@@ -134,7 +134,10 @@ def test_nan_weights_are_refused_before_anything_is_erased(slim_sd15, glue):
 
 
 def test_main_job_erases_and_saves_a_checkpoint_comfyui_loads_back(tmp_path, comfy_nodes, glue):
-    result = run_main_job("--concepts", "nudity", "--output-dir", str(tmp_path))
+    # The slim random-weight checkpoint named explicitly (the default is now the trained demo model),
+    # at the small size and step count the demo used to run with.
+    result = run_main_job(str(paths.CHECKPOINT_DIR / paths.SLIM_SD15_NAME), "--concepts", "nudity",
+                          "--size", "64", "--steps", "4", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     for label in ("checkpoint", "workflow", "RECE erased 'nudity'", "comparison", "saved", "time"):
