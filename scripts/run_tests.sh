@@ -4,5 +4,8 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
-# Two workers: this machine and CI have 2 cores.
+# Two workers: this machine and CI have 2 cores. One thread each, also in the
+# ComfyUI servers the tests start: OpenMP threads spinning for a core the other
+# worker holds made sampling ten times slower.
+export OMP_NUM_THREADS=1
 exec .venv/bin/python -m pytest -n 2 --dist loadgroup "$@"

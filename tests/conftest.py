@@ -13,14 +13,10 @@ from devkit import host, paths
 host.prepare_comfy_imports()
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Two xdist workers on two cores: OpenMP threads that spin while the
-    # other worker computes make every test several times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Two xdist workers on two cores: OpenMP threads that spin while the other
+# worker computes make every test, and module-scoped fixtures set up before any
+# per-test fixture runs, several times slower. Set once, for the whole worker.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
