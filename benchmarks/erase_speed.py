@@ -1,6 +1,6 @@
 """How fast the erase node is, part by part, against the per-layer method.
 
-    .venv/bin/python -m benchmarks.erase_speed [--families sd15,sdxl] [--concepts 1,10,100,1000]
+    .venv/bin/python -m benchmarks.erase_speed [--families sd15,sdxl] [--concepts 1,10,100,1000] [--sdxl-baseline 0]
 
 Builds full-size random SD1.5 and SDXL checkpoints with the project's builder
 (once, into ``benchmarks/.checkpoints/``), loads them with ComfyUI's own
@@ -9,8 +9,10 @@ end and per part (text encoding, reading the K/V weights, ``G``, the
 algebra, building the patches, the report) for UCE only, RECE with 1 and 3
 epochs and 1 to 1000 generated concepts; then the first sampling step after
 the erase (when ComfyUI applies the patches) and the straightforward per-layer
-implementation (``benchmarks.per_layer``) on the same weights in the same run,
-with the ratio and the peak memory of both. Writes ``results/latest.md``,
+implementation (``benchmarks.per_layer``, the structure of the authors' code)
+on the same weights in the same run, with the ratio and the peak memory of
+both (on SD1.5; on SDXL only with ``--sdxl-baseline``, as it takes ten minutes
+a step). Writes ``results/latest.md``,
 ``results/latest.json`` and ``results/latest.png``.
 """
 from __future__ import annotations
@@ -148,7 +150,8 @@ def first_sampling_step(comfy_nodes, original, erased, clip) -> dict:
     return {"original": plain, "erased_first": first, "erased_again": again, "patch_cost": first - again}
 
 
-def run_family(comfy_nodes, family: str, concept_counts: list[int], baseline_epochs: int) -> dict:
+def run_family(comfy_nodes, family: str, concept_counts: list[int], baseline_epochs: int | None) -> dict:
+    """Every case of one family; ``baseline_epochs`` None skips the per-layer method."""
     erase_module = host.pack_module("nodes.erase_concept")
     weights_module = host.pack_module("nodes.model_weights")
     text_module = host.pack_module("nodes.text_encoding")
@@ -165,7 +168,7 @@ def run_family(comfy_nodes, family: str, concept_counts: list[int], baseline_epo
     time_erase(erase_module, model, clip, concept_names(1), 1, True)  # warm-up: first-call costs, allocator pools
     from benchmarks.per_layer import per_layer_rece
 
-    settings = erase_module.rece_ops.preset("nudity").settings.with_changes(epochs=baseline_epochs)
+    settings = erase_module.rece_ops.preset("nudity").settings.with_changes(epochs=baseline_epochs or 0)
     encode = lambda texts: [text_module.encode_text(clip, t) for t in texts]  # noqa: E731 (no batching, no cache)
     with torch.inference_mode():
         weights = weights_module.effective_kv_weights(model, torch.device("cpu"))
@@ -176,7 +179,7 @@ def run_family(comfy_nodes, family: str, concept_counts: list[int], baseline_epo
     mmap_threshold(64 * 1024)
     node_memory = time_erase(erase_module, model, clip, concept_names(1), 3, True)["memory"]
     baseline_memory = 0
-    if family == "sd15":  # with every block mapped and unmapped, SDXL's per-layer run takes too long
+    if family == "sd15" and baseline_epochs is not None:  # SDXL's per-layer run is too slow for a second pass
         with torch.inference_mode(), PeakMemory() as memory:
             per_layer_rece(weights, encode, concept_names(1), "", [""], settings)
         baseline_memory = memory.peak_extra
@@ -202,24 +205,28 @@ def run_family(comfy_nodes, family: str, concept_counts: list[int], baseline_epo
     print(f"  first sampling step after the erase: {sampling['erased_first']:.2f} s vs {sampling['erased_again']:.2f} s "
           f"once patched (patches applied in {sampling['patch_cost']:.2f} s)")
 
+    result = {"family": family, "name": FAMILY_NAMES[family], "matrices": len(keys), "kv_bytes": kv_bytes,
+              "load_seconds": load_seconds, "cases": rows, "sampling": sampling, "node_memory": node_memory,
+              "baseline": None}
+    if baseline_epochs is None:
+        return result
     # The per-layer method on the same weights, texts and settings.
     ours = next(r for r in rows if r["concepts"] == 1 and r["epochs"] == baseline_epochs and r["case"] != "RECE, 3 epochs, G cached")
     with torch.inference_mode():
         ours_model = time_erase(erase_module, model, clip, concept_names(1), baseline_epochs, True)["erased"]
         expected = weights_module.effective_kv_weights(ours_model, torch.device("cpu"))
         started = time.perf_counter()
-        result = per_layer_rece(weights, encode, concept_names(1), "", [""], settings)
+        theirs = per_layer_rece(weights, encode, concept_names(1), "", [""], settings)
         baseline_seconds = time.perf_counter() - started
-    difference = max(float((result[k] - expected[k]).norm() / expected[k].norm()) for k in keys)
-    del result, expected, ours_model
+    difference = max(float((theirs[k] - expected[k]).norm() / expected[k].norm()) for k in keys)
+    del theirs, expected, ours_model
 
     baseline = {"epochs": baseline_epochs, "total": baseline_seconds, "memory": baseline_memory,
-                "node_memory": node_memory, "ratio": baseline_seconds / ours["total"], "difference": difference}
+                "ratio": baseline_seconds / ours["total"], "difference": difference}
     print(f"  per-layer method, {'UCE' if not baseline_epochs else f'RECE {baseline_epochs} epochs'}: "
           f"{baseline_seconds:.1f} s; ours {ours['total']:.2f} s: {baseline['ratio']:.0f}x; results differ by "
           f"{difference:.1e} (float32 inverses vs float64 solves)")
-    return {"family": family, "name": FAMILY_NAMES[family], "matrices": len(keys), "kv_bytes": kv_bytes,
-            "load_seconds": load_seconds, "cases": rows, "sampling": sampling, "baseline": baseline}
+    return {**result, "baseline": baseline}
 
 
 def targets(results: list[dict]) -> list[tuple[str, str, bool]]:
@@ -230,7 +237,7 @@ def targets(results: list[dict]) -> list[tuple[str, str, bool]]:
         r = by_family["sd15"]
         one = next(c for c in r["cases"] if c["case"] == "RECE, 3 epochs" and c["concepts"] == 1)
         out.append(("SD1.5, UCE + 3 epochs, one concept, end to end <= 1 s", f"{one['total']:.2f} s", one["total"] <= 1))
-        if r["baseline"]["epochs"] == 3:
+        if r["baseline"] and r["baseline"]["epochs"] == 3:
             out.append(("SD1.5, >= 100x the per-layer method in the same run", f"{r['baseline']['ratio']:.0f}x",
                         r["baseline"]["ratio"] >= 100))
         many = [c for c in r["cases"] if c["concepts"] == 1000]
@@ -246,7 +253,7 @@ def targets(results: list[dict]) -> list[tuple[str, str, bool]]:
         out.append(("SDXL, UCE + 3 epochs <= 5 s (G cached for the model)", f"{cached['total']:.2f} s",
                     cached["total"] <= 5))
     for r in results:
-        used = r["baseline"]["node_memory"]
+        used = r["node_memory"]
         out.append((f"{r['name']}, extra memory <= 2x the K/V weights ({r['kv_bytes'] / 2**20:.0f} MiB), "
                     "UCE + 3 epochs, one concept", f"{used / 2**20:.0f} MiB ({used / r['kv_bytes']:.2f}x)",
                     used <= 2 * r["kv_bytes"]))
@@ -270,16 +277,23 @@ def markdown(results: list[dict], where: str) -> str:
                          f"{0 if c['gram_cached'] else c['gram']:.2f} | {c['algebra']:.3f} | {c['patches']:.3f} | "
                          f"{c['report']:.2f} | {c['memory'] / 2**20:.0f} MiB ({c['memory'] / r['kv_bytes']:.2f}x) |")
         b, s = r["baseline"], r["sampling"]
-        what = "UCE" if not b["epochs"] else f"UCE + {b['epochs']} epochs"
-        lines += ["", f"Per-layer method ({what}, one concept, text encoder re-run per layer, explicit float32 "
-                  f"inverses): **{b['total']:.1f} s**; the node is **{b['ratio']:.0f}x** faster. Their results "
-                  f"differ by {b['difference']:.1e} (relative, worst matrix): float32 inverses against float64 "
-                  "solves.", "",
-                  f"Peak extra memory, measured alone: the node (UCE + 3 epochs, one concept, G computed) "
-                  f"{b['node_memory'] / 2**20:.0f} MiB ({b['node_memory'] / r['kv_bytes']:.2f}x the K/V weights); "
-                  + (f"the per-layer method {b['memory'] / 2**20:.0f} MiB." if b["memory"] else
-                     "the per-layer method: not measured (too slow with freed memory returned at once)."), "",
-                  f"First 1-step sample after the erase: {s['erased_first']:.2f} s, then {s['erased_again']:.2f} s "
+        node_memory = (f"Peak extra memory, measured alone: the node (UCE + 3 epochs, one concept, G computed) "
+                       f"{r['node_memory'] / 2**20:.0f} MiB ({r['node_memory'] / r['kv_bytes']:.2f}x the K/V weights)")
+        if b is None:
+            lines += ["", "Per-layer method: not run for this family (`--sdxl-baseline` runs it: it re-runs both "
+                      "SDXL text encoders for every concept and preserve text of each of 140 matrices, about ten "
+                      "minutes per step here).", "", node_memory + ".", ""]
+        else:
+            what = "UCE" if not b["epochs"] else f"UCE + {b['epochs']} epochs"
+            lines += ["", f"Per-layer method ({what}, one concept; the structure of the authors' `edit_model`: per "
+                      "matrix, the text encoder re-run for every concept and preserve text, every layer's projections "
+                      "computed, per-token outer products summed, explicit float32 inverses): "
+                      f"**{b['total']:.1f} s**; the node is **{b['ratio']:.0f}x** faster. Their results "
+                      f"differ by {b['difference']:.1e} (relative, worst matrix): float32 inverses against float64 "
+                      "solves.", "",
+                      node_memory + "; " + (f"the per-layer method {b['memory'] / 2**20:.0f} MiB." if b["memory"] else
+                                            "the per-layer method: not measured."), ""]
+        lines += [f"First 1-step sample after the erase: {s['erased_first']:.2f} s, then {s['erased_again']:.2f} s "
                   f"(the original model: {s['original']:.2f} s): ComfyUI applies the patches (`W @ (T - I)` for "
                   f"every K/V matrix) in about {max(s['patch_cost'], 0):.2f} s.", ""]
     lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
@@ -299,8 +313,9 @@ def plot(results: list[dict], path: Path) -> None:
             bars.append((f"{r['name']}: {c['case']}, {c['concepts']} concept{'s' if c['concepts'] > 1 else ''}",
                          c["total"], (60, 110, 200)))
         b = r["baseline"]
-        what = "UCE" if not b["epochs"] else f"{b['epochs']} epochs"
-        bars.append((f"{r['name']}: per-layer method, {what}", b["total"], (200, 80, 60)))
+        if b is not None:
+            what = "UCE" if not b["epochs"] else f"{b['epochs']} epochs"
+            bars.append((f"{r['name']}: per-layer method, {what}", b["total"], (200, 80, 60)))
     width, left, row = 1100, 430, 26
     height = 60 + row * len(bars) + 40
     image = Image.new("RGB", (width, height), "white")
@@ -327,17 +342,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", default="sd15,sdxl", help="comma-separated: sd15, sdxl")
     parser.add_argument("--concepts", default="1,10,100,1000", help="concept counts for SD1.5 (RECE, 3 epochs)")
     parser.add_argument("--sdxl-concepts", default="1,10", help="concept counts for SDXL")
-    parser.add_argument("--sdxl-baseline-epochs", type=int, default=0,
-                        help="epochs of the per-layer method on SDXL (it re-runs both text encoders for each of "
-                             "70 layers and each step: about 3 minutes per step here)")
+    parser.add_argument("--sdxl-baseline", type=int, default=None, metavar="EPOCHS",
+                        help="also run the per-layer method on SDXL with this many epochs (0 = UCE only); it re-runs "
+                             "both text encoders for every text of each of 140 matrices: about ten minutes per step here")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as output:
         comfy_nodes = host.load_in_process(output_dir=Path(output), quiet=True)
+        import comfy.utils
+
+        comfy.utils.PROGRESS_BAR_ENABLED = False  # the sampling steps' bars would break up the table
         results = []
         for family in args.families.split(","):
             counts = [int(n) for n in (args.concepts if family == "sd15" else args.sdxl_concepts).split(",")]
-            results.append(run_family(comfy_nodes, family, counts, 3 if family == "sd15" else args.sdxl_baseline_epochs))
+            results.append(run_family(comfy_nodes, family, counts, 3 if family == "sd15" else args.sdxl_baseline))
     where = machine()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.md").write_text(markdown(results, where))

@@ -1,10 +1,15 @@
 """The RECE loop done the straightforward way, as the authors' code does it.
 
-For comparison only: per layer, the text encoder is run again and the
-layer's projections of every text are computed, the closed form is built
-with an explicit matrix inverse, all in float32; the adversarial embedding of
-each epoch sums every layer's projections again. Same mathematics as
-``rece_ops.erase`` (same rows, same scales), none of its structure.
+For comparison only. It follows the structure of the authors' ``edit_model``
+(UCE's training script, which RECE calls for its UCE step and every epoch):
+layer by layer, the text encoder is run again for every concept and preserve
+text; every layer's projections of the texts are computed although only the
+current layer's are used; the closed form is summed from per-token outer
+products (``[tokens, d_out, d]`` batches) and finished with an explicit
+``torch.inverse``, all in float32. Each epoch's adversarial embedding sums
+every layer's ``W'^T W'`` and ``W'^T W c`` again, per concept. Same
+mathematics as ``rece_ops.erase`` (same rows, same scales), none of its
+structure.
 """
 from __future__ import annotations
 
@@ -16,16 +21,35 @@ from rece_ops import EncodedText, RECESettings, uce_erase_rows
 from rece_ops.texts import epoch_targets
 
 Encode = Callable[[Sequence[str]], list[EncodedText]]
+# (context rows c, target rows t): the layer's W c should become W t.
+RowPair = tuple[torch.Tensor, torch.Tensor]
 
 
-def _uce_layer(weight: torch.Tensor, erase: torch.Tensor, target: torch.Tensor, keep: torch.Tensor,
-               settings: RECESettings) -> torch.Tensor:
-    """UCE's closed form for one layer, on its current weight: ``mat1 @ inv(mat2)``."""
-    eye = torch.eye(weight.shape[1], dtype=weight.dtype)
-    mat1 = (settings.lamb * weight + settings.erase_scale * (weight @ target.T) @ erase
-            + settings.preserve_scale * (weight @ keep.T) @ keep)
-    mat2 = settings.lamb * eye + settings.erase_scale * erase.T @ erase + settings.preserve_scale * keep.T @ keep
+def _uce_layer(current: dict[str, torch.Tensor], name: str, erase_pairs: Sequence[RowPair],
+               keep_pairs: Sequence[RowPair], settings: RECESettings) -> torch.Tensor:
+    """UCE's closed form for one layer on the current weights, as ``edit_model`` builds it."""
+    weight = current[name]
+    width = weight.shape[1]
+    mat1 = settings.lamb * weight
+    mat2 = settings.lamb * torch.eye(width, dtype=weight.dtype)
+    for scale, pairs in ((settings.erase_scale, erase_pairs), (settings.preserve_scale, keep_pairs)):
+        for context, target in pairs:
+            values = {n: target @ w.T for n, w in current.items()}  # every layer's, as the authors compute them
+            tokens = context.shape[0]
+            context_vector = context.reshape(tokens, width, 1)
+            context_vector_t = context.reshape(tokens, 1, width)
+            value_vector = values[name].reshape(tokens, -1, 1)
+            mat1 = mat1 + scale * (value_vector @ context_vector_t).sum(dim=0)
+            mat2 = mat2 + scale * (context_vector @ context_vector_t).sum(dim=0)
     return mat1 @ torch.inverse(mat2)
+
+
+def _keep_pairs(encode: Encode, preserves: Sequence[str], dtype: torch.dtype) -> list[RowPair]:
+    pairs = []
+    for text in preserves:  # the authors encode [text, text] for every preserve text
+        rows = encode([text, text])
+        pairs.append((rows[0].rows.to(dtype), rows[1].rows.to(dtype)))
+    return pairs
 
 
 def per_layer_rece(
@@ -41,12 +65,12 @@ def per_layer_rece(
     original = {k: w.to(dtype) for k, w in weights.items()}
     current = dict(original)
     for name in current:  # the UCE step
-        texts = encode([*concepts, guide, *preserves])  # re-run for every layer, as the authors' loop does
-        rows = [uce_erase_rows(c, texts[len(concepts)]) for c in texts[:len(concepts)]]
-        erase = torch.cat([c for c, _ in rows]).to(dtype)
-        target = torch.cat([t for _, t in rows]).to(dtype)
-        keep = torch.cat([p.rows for p in texts[len(concepts) + 1:]]).to(dtype)
-        current[name] = _uce_layer(current[name], erase, target, keep, settings)
+        erase_pairs = []
+        for concept in concepts:  # re-encoded for every layer, as the authors' loop does
+            old, new = encode([concept, guide])
+            c, t = uce_erase_rows(old, new)
+            erase_pairs.append((c.to(dtype), t.to(dtype)))
+        current[name] = _uce_layer(current, name, erase_pairs, _keep_pairs(encode, preserves, dtype), settings)
     for _ in range(settings.epochs):
         texts = encode([*concepts, guide])
         found = []
@@ -57,8 +81,9 @@ def per_layer_rece(
             eye = torch.eye(lhs.shape[0], dtype=dtype)
             found.append((torch.inverse(lhs + settings.reg_scale * eye) @ rhs).T)
         for name in current:
-            texts = encode([*concepts, guide, *preserves])
-            targets = torch.cat([epoch_targets(c, texts[len(concepts)]) for c in texts[:len(concepts)]]).to(dtype)
-            keep = torch.cat([p.rows for p in texts[len(concepts) + 1:]]).to(dtype)
-            current[name] = _uce_layer(current[name], torch.cat(found), targets, keep, settings)
+            erase_pairs = []
+            for concept, adversarial in zip(texts[:len(concepts)], found):
+                (guide_rows,) = encode([guide])  # the guide re-encoded for every layer
+                erase_pairs.append((adversarial, epoch_targets(concept, guide_rows).to(dtype)))
+            current[name] = _uce_layer(current, name, erase_pairs, _keep_pairs(encode, preserves, dtype), settings)
     return current

@@ -101,12 +101,14 @@ def erase_concepts(
     check_cancel()
 
     started = time.perf_counter()
-    weights = model_weights.effective_kv_weights(model)
+    weights = model_weights.effective_kv_weights(model, check_finite=False)
     model_weights.check_text_width(encoded[0].width, weights)
     seconds["weights"] = time.perf_counter() - started
     started = time.perf_counter()
     misses = GRAM_CACHE.misses
     gram_matrix = GRAM_CACHE.get(weights)
+    if not torch.isfinite(gram_matrix).all():  # G = sum W^T W is finite exactly when every W is
+        model_weights.check_finite(weights)
     seconds["gram"] = time.perf_counter() - started
     seconds["gram_cached"] = GRAM_CACHE.misses == misses
     started = time.perf_counter()

@@ -86,10 +86,15 @@ def check_text_width(width: int, weights: Mapping[str, torch.Tensor]) -> None:
         )
 
 
-def effective_kv_weights(model, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+def effective_kv_weights(model, device: torch.device | None = None, check_finite: bool = True) -> dict[str, torch.Tensor]:
     """``{key: W}`` float32 on ``device`` (default: ComfyUI's torch device),
-    with all of the model's patches applied; the model is not modified."""
-    return _kv_weights(model, device, with_patches=True)
+    with all of the model's patches applied; the model is not modified.
+
+    ``check_finite=False`` skips the NaN/infinity check (a pass over every
+    weight) for callers that check something computed from all of them, such
+    as ``G``, and call ``check_finite`` only when that fails.
+    """
+    return _kv_weights(model, device, with_patches=True, finite=check_finite)
 
 
 def stored_kv_weights(model, device: torch.device | None = None) -> dict[str, torch.Tensor]:
@@ -98,7 +103,14 @@ def stored_kv_weights(model, device: torch.device | None = None) -> dict[str, to
     return _kv_weights(model, device, with_patches=False)
 
 
-def _kv_weights(model, device: torch.device | None, with_patches: bool) -> dict[str, torch.Tensor]:
+def check_finite(weights: Mapping[str, torch.Tensor]) -> None:
+    """Refuse weights with NaN or infinite values, naming the first such matrix."""
+    for key, weight in weights.items():
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"the model's weight {key} has NaN or infinite values; nothing was changed")
+
+
+def _kv_weights(model, device: torch.device | None, with_patches: bool, finite: bool = True) -> dict[str, torch.Tensor]:
     device = device or comfy.model_management.get_torch_device()
     patches = model.get_key_patches(DIFFUSION_PREFIX)
     weights: dict[str, torch.Tensor] = {}
@@ -107,9 +119,9 @@ def _kv_weights(model, device: torch.device | None, with_patches: bool) -> dict[
         weight = convert(base.to(device=device, dtype=torch.float32, copy=True), inplace=True)
         if rest and with_patches:
             weight = comfy.lora.calculate_weight(rest, weight, key)
-        if not torch.isfinite(weight).all():
-            raise ValueError(f"the model's weight {key} has NaN or infinite values; nothing was changed")
         weights[key] = weight
+    if finite:
+        check_finite(weights)
     return weights
 
 

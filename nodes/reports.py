@@ -26,6 +26,14 @@ def chunks_note(texts: Sequence[EncodedText]) -> list[str]:
     return [f"long texts: {described}; every chunk's rows take part (each chunk aligned as a prompt of its own)"]
 
 
+def _rank_words(erasure: Erasure) -> str:
+    """The edit's rank; with more factor columns than d (many concepts) its
+    bound, since the exact rank would cost a d x d SVD (seconds for SDXL)."""
+    if erasure.factors[0].shape[1] <= erasure.width:
+        return f"rank {erasure.rank()} of {erasure.width}"
+    return f"rank at most {erasure.rank_bound} of {erasure.width}"
+
+
 def erase_report(
     method: str,
     erasure: Erasure,
@@ -60,7 +68,7 @@ def erase_report(
         f"preserve_scale {settings.preserve_scale}, reg_scale {settings.reg_scale}, epochs {settings.epochs}; "
         f"strength {strength}",
         f"edit: {'UCE step only' if steps == 1 else f'UCE step + {steps - 1} RECE epoch' + ('s' if steps > 2 else '')} on "
-        f"{n_matrices} K/V matrices, rank {erasure.rank()} of {erasure.width}; "
+        f"{n_matrices} K/V matrices, {_rank_words(erasure)}; "
         f"weights changed {100 * metrics.weight_change(gram_matrix, erasure):.2f}%",
         f"erased rows: distance left to the guide's outputs {remaining:.4f} (0 = mapped onto the guide, 1 = untouched); "
         f"preserved rows moved {100 * drift:.3f}%",

@@ -109,6 +109,11 @@ class Erasure:
         u, s, vh = torch.linalg.svd(r_up @ r_down.T)
         return q_up @ u, s, vh @ q_down.T
 
+    @property
+    def rank_bound(self) -> int:
+        """An upper bound on ``rank()`` that costs nothing: ``min(R, d)``."""
+        return min(self.factors[0].shape[1], self.width)
+
     def singular_values(self) -> torch.Tensor:
         """Singular values of ``T - I``, largest first."""
         return self._svd[1]

@@ -11,20 +11,47 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .closed_form import adversarial_from_grams, as_algebra, cross_gram, edited_grams, no_wider_than_d
+from .closed_form import adversarial_from_grams, as_algebra, cross_gram, edited_grams
 from .erasure import Erasure
+
+
+def _row_energies(gram_matrix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``sum_l |W_l x|^2`` of each row ``x`` (``rows`` is ``[n, d]``).
+
+    A report figure, not an input to the edit: with more rows than ``d``
+    (many concepts) the product is a large one and runs in float32, whose
+    1e-7 relative rounding is far below the digits a report shows.
+    """
+    dtype = torch.float32 if rows.shape[0] > rows.shape[1] else torch.float64
+    x = rows.to(device=gram_matrix.device, dtype=dtype)
+    return ((x @ gram_matrix.to(dtype)) * x).sum(dim=1, dtype=torch.float64)
 
 
 def _energy(gram_matrix: torch.Tensor, rows: torch.Tensor) -> float:
     """``sum_l |W_l x|^2`` over the rows ``x`` (``rows`` is ``[n, d]``)."""
-    x = as_algebra(rows, gram_matrix.device)
-    return float(torch.einsum("nd,de,ne->", x, gram_matrix, x).clamp_min(0))
+    return max(float(_row_energies(gram_matrix, rows).sum()), 0.0)
+
+
+def _edit_factors(erasure: Erasure, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``T - I = up @ down`` as float64 on ``device``; ``down`` None when the
+    factors would be wider than ``d`` and ``up`` is ``T - I`` itself."""
+    up, down = (as_algebra(f, device) for f in erasure.factors)
+    return (up, down) if up.shape[1] <= up.shape[0] else (up @ down, None)
+
+
+def _edited(rows: torch.Tensor, up: torch.Tensor, down: torch.Tensor | None) -> torch.Tensor:
+    """``rows @ (T - I)^T``, without forming ``T - I`` from its factors."""
+    return rows @ up.T if down is None else (rows @ down.T) @ up.T
 
 
 def weight_change(gram_matrix: torch.Tensor, erasure: Erasure) -> float:
-    """``|W (T - I)|_F / |W|_F`` over all K/V matrices together."""
-    edit = as_algebra(erasure.edit, gram_matrix.device)
-    return (_energy(gram_matrix, edit.T) / float(torch.trace(gram_matrix))) ** 0.5
+    """``|W (T - I)|_F / |W|_F`` over all K/V matrices together:
+    ``trace(down^T (up^T G up) down)``, from the factors in ``O(d^2 r)``."""
+    g = as_algebra(gram_matrix, gram_matrix.device)
+    up, down = _edit_factors(erasure, g.device)
+    inner = up.T @ g @ up
+    change = float(inner.trace() if down is None else (inner * (down @ down.T)).sum())
+    return (max(change, 0.0) / float(torch.trace(g))) ** 0.5
 
 
 def remaining_distance(
@@ -36,7 +63,7 @@ def remaining_distance(
     device = gram_matrix.device
     c, t = as_algebra(erase_rows, device), as_algebra(target_rows, device)
     before = _energy(gram_matrix, c - t)
-    after = _energy(gram_matrix, c @ as_algebra(erasure.transform, device).T - t)
+    after = _energy(gram_matrix, c + _edited(c, *_edit_factors(erasure, device)) - t)
     return (after / before) ** 0.5 if before > 0 else 0.0
 
 
@@ -45,7 +72,7 @@ def preserve_drift(gram_matrix: torch.Tensor, erasure: Erasure, preserve_rows: t
     device = gram_matrix.device
     p = as_algebra(preserve_rows, device)
     base = _energy(gram_matrix, p)
-    moved = _energy(gram_matrix, p @ as_algebra(erasure.edit, device).T)
+    moved = _energy(gram_matrix, _edited(p, *_edit_factors(erasure, device)))
     return (moved / base) ** 0.5 if base > 0 else 0.0
 
 
@@ -69,16 +96,22 @@ def adversarial_recoveries(
     """``adversarial_recovery`` of several concepts, with one solve for all
     (they share the system; only the right-hand sides differ)."""
     device = gram_matrix.device
-    transform = as_algebra(erasure.transform, device)
     concepts = [as_algebra(c, device) for c in concept_rows]
     # The system from the edit's factors, as the RECE loop forms it.
-    up, down = no_wider_than_d(*(as_algebra(f, device) for f in erasure.factors))
-    found_all = adversarial_from_grams(torch.cat(concepts), *edited_grams(gram_matrix, up, down), reg_scale)
+    up, down = _edit_factors(erasure, device)
+    concept_all = torch.cat(concepts)
+    dense_down = torch.eye(up.shape[0], dtype=up.dtype, device=device) if down is None else down
+    found_all = adversarial_from_grams(concept_all, *edited_grams(gram_matrix, up, dense_down), reg_scale)
+    # Every concept's energies from two products over all rows, summed per concept.
+    counts = [len(c) for c in concepts]
+    gap_rows = found_all + _edited(found_all, up, down) - concept_all
+    base_rows = torch.cat([as_algebra(t, device) for t in guide_rows]) - concept_all
+    gaps = _row_energies(gram_matrix, gap_rows).split(counts)
+    bases = _row_energies(gram_matrix, base_rows).split(counts)
     out = []
-    for found, c, t in zip(found_all.split([len(c) for c in concepts]), concepts, guide_rows):
-        gap = _energy(gram_matrix, found @ transform.T - c) ** 0.5
-        baseline = _energy(gram_matrix, as_algebra(t, device) - c) ** 0.5
-        out.append(1.0 - gap / baseline if baseline > 0 else 0.0)
+    for gap, base in zip(gaps, bases):
+        gap, base = max(float(gap.sum()), 0.0) ** 0.5, max(float(base.sum()), 0.0) ** 0.5
+        out.append(1.0 - gap / base if base > 0 else 0.0)
     return out
 
 
@@ -93,7 +126,7 @@ def output_miss(
     device = edited_gram.device
     x, c = as_algebra(rows, device), as_algebra(concept_rows, device)
     base = _energy(original_gram, c)
-    miss = (_energy(edited_gram, x) - 2 * float(torch.einsum("nd,de,ne->", x, as_algebra(cross, device), c))
+    miss = (_energy(edited_gram, x) - 2 * float(((x @ as_algebra(cross, device)) * c).sum())
             + base)
     return (max(miss, 0.0) / base) ** 0.5 if base > 0 else 0.0
 

@@ -29,6 +29,7 @@ def test_per_layer_method_equals_rece_ops_in_float64():
     for name, weight in expected.apply(weights).items():
         # Explicit inverses of ill-conditioned M cost a few digits even in float64.
         assert relative_error(got[name], weight) < 1e-6
-    # The text encoder runs again for every layer of every step, as in the authors' loop.
-    assert len(calls) == 3 * (1 + settings.epochs) + settings.epochs
+    # The text encoder runs again for every layer of every step, once per concept and
+    # preserve text, as in the authors' loop (plus once per epoch for the adversarial solve).
+    assert len(calls) == len(weights) * (1 + len(keep)) * (1 + settings.epochs) + settings.epochs
     assert uce_erase_rows(table["nudity"], table[""])[0].shape[0] == 10

@@ -101,7 +101,9 @@ def test_rece_node_equals_rece_ops_on_the_same_weights_and_embeddings(pack, glue
     weights = glue.weights.effective_kv_weights(model)
     erasure = expected_erasure(glue, weights, clip, ["nudity", "blood", "gore"], preserve=["a portrait"])
     assert worst_error(glue.weights.effective_kv_weights(erased), erasure.apply(weights)) < 1e-6
-    assert f"rank {erasure.rank()} of 768" in report
+    # Three concepts over four steps give more factor columns than d: the report
+    # states the bound rather than pay for a d x d SVD.
+    assert erasure.factors[0].shape[1] > 768 and "rank at most 768 of 768" in report
     assert "UCE step + 3 RECE epochs" in report and "'nudity', 'blood', 'gore'" in report
     assert "text encoding" in report and "algebra" in report and "recovers" in report
 

@@ -17,6 +17,7 @@ from rece_ops import (
     PRESETS, EditStep, EncodedText, Erasure, RECESettings, adversarial_embedding, count_words, erase, gram,
     preserve_prompts, preset, split_concepts, uce_erase_rows, uce_step,
 )
+from rece_ops import metrics
 from reference_rece import (
     F64, naive_adversarial, naive_rece, naive_uce_layer, random_problem, random_texts, random_weights,
     relative_error,
@@ -327,6 +328,61 @@ def test_adversarial_anchor_pulls_the_embedding_toward_it():
     assert torch.linalg.norm(to_anchor - anchor) < torch.linalg.norm(to_zero - anchor)
     with pytest.raises(ValueError, match="anchor"):
         adversarial_embedding(rows, transform, g, 0.1, anchor[:2])
+
+
+def test_adversarial_embedding_of_more_rows_than_the_context_is_wide_equals_naive_reference():
+    # Hundreds of concepts: the solve is done once for the d x d map, then applied to every row.
+    generator = torch.Generator().manual_seed(21)
+    weights = [random_rows(generator, 30, 16) / 4, random_rows(generator, 20, 16) / 4]
+    g = sum(w.T @ w for w in weights)
+    transform = uce_step(random_rows(generator, 5, 16), random_rows(generator, 5, 16), None,
+                         lamb=0.1, erase_scale=1.0, preserve_scale=0.1).dense()
+    rows = random_rows(generator, 50, 16)
+    for reg in (0.1, 1e-3):
+        ours = adversarial_embedding(rows, transform, g, reg)
+        theirs = naive_adversarial([w @ transform for w in weights], weights, rows, reg)
+        assert relative_error(ours, theirs) <= 1e-8
+
+
+@pytest.mark.parametrize("concept_rows", [6, 40])  # factors narrower, then wider, than d = 24
+def test_report_metrics_equal_their_per_layer_definitions(concept_rows):
+    generator = torch.Generator().manual_seed(22)
+    width = 24
+    weights = [random_rows(generator, rows, width) / 5 for rows in (16, 30, 12)]
+    g = sum(w.T @ w for w in weights)
+    concepts = [random_rows(generator, concept_rows, width) for _ in range(2)]
+    guides = [random_rows(generator, concept_rows, width) for _ in range(2)]
+    keep = random_rows(generator, 3, width)
+    # Two steps: with 40 rows per concept their factors (2 x 24 columns) are wider than d.
+    steps = tuple(uce_step(torch.cat(concepts) + shift, torch.cat(guides), keep, lamb=0.5, erase_scale=1.0,
+                           preserve_scale=0.3) for shift in (0.0, 0.1))
+    erasure = Erasure(steps=steps)
+    assert (erasure.factors[0].shape[1] > width) == (concept_rows == 40)
+    transform = erasure.transform
+    edited = [w @ transform for w in weights]
+
+    def energy(rows, matrices):
+        return sum(float(torch.linalg.norm(rows @ w.T) ** 2) for w in matrices)
+
+    change = sum(float(torch.linalg.norm(e - w) ** 2) for e, w in zip(edited, weights))
+    assert metrics.weight_change(g, erasure) == pytest.approx(
+        (change / sum(float(torch.linalg.norm(w) ** 2) for w in weights)) ** 0.5, rel=1e-9)
+    c, t = torch.cat(concepts), torch.cat(guides)
+    remaining = (sum(float(torch.linalg.norm(c @ e.T - t @ w.T) ** 2) for e, w in zip(edited, weights))
+                 / energy(c - t, weights)) ** 0.5
+    # Energies of more rows than d are float32 products (report figures): 1e-6.
+    assert metrics.remaining_distance(g, erasure, c, t) == pytest.approx(remaining, rel=1e-6)
+    drift = (sum(float(torch.linalg.norm(keep @ (e - w).T) ** 2) for e, w in zip(edited, weights))
+             / energy(keep, weights)) ** 0.5
+    assert metrics.preserve_drift(g, erasure, keep) == pytest.approx(drift, rel=1e-6)
+    # Each concept's recovery, solved together, equals its own from the naive adversarial embedding
+    # (float32 energies once the rows outnumber d, so to 1e-5).
+    recoveries = metrics.adversarial_recoveries(g, erasure, concepts, guides, 0.1)
+    for recovery, concept, guide in zip(recoveries, concepts, guides):
+        found = naive_adversarial(edited, weights, concept, 0.1)
+        gap = sum(float(torch.linalg.norm(found @ e.T - concept @ w.T) ** 2) for e, w in zip(edited, weights))
+        expected = 1 - (gap / energy(guide - concept, weights)) ** 0.5
+        assert recovery == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
 def test_gram_sums_every_matrix_and_checks_widths():
