@@ -185,7 +185,8 @@ def run_family(comfy_nodes, family: str, concept_counts: list[int], baseline_epo
         baseline_memory = memory.peak_extra
     mmap_threshold(32 * 2**20)
     print(f"  peak extra memory, measured alone: the node (RECE 3 epochs, 1 concept) {node_memory / 2**20:.0f} MiB, "
-          f"the per-layer method {baseline_memory / 2**20:.0f} MiB; K/V weights {kv_bytes / 2**20:.0f} MiB")
+          f"the per-layer method {f'{baseline_memory / 2**20:.0f} MiB' if baseline_memory else 'not measured'}; "
+          f"K/V weights {kv_bytes / 2**20:.0f} MiB")
     cases = [("UCE", 1, 0, True), ("RECE, 1 epoch", 1, 1, True), ("RECE, 3 epochs", 1, 3, True),
              ("RECE, 3 epochs, G cached", 1, 3, False)]
     cases += [(f"RECE, 3 epochs", n, 3, True) for n in concept_counts if n > 1]
