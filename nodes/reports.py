@@ -29,7 +29,7 @@ def chunks_note(texts: Sequence[EncodedText]) -> list[str]:
 def _rank_words(erasure: Erasure) -> str:
     """The edit's rank; with more factor columns than d (many concepts) its
     bound, since the exact rank would cost a d x d SVD (seconds for SDXL)."""
-    if erasure.factors[0].shape[1] <= erasure.width:
+    if erasure.thin:
         return f"rank {erasure.rank()} of {erasure.width}"
     return f"rank at most {erasure.rank_bound} of {erasure.width}"
 

@@ -64,11 +64,13 @@ def transformed_clone(model, keys, erasure: Erasure, strength: float = 1.0):
     # are thin (one concept: rank 306 of 768 or 2048); float32 keeps them accurate.
     # Edits with more factor columns than d (many concepts) are one dense d x d
     # matrix, without the SVD, which would cost seconds for SDXL.
-    patch = KVTransformPatch(erasure.edit)
-    if erasure.factors[0].shape[1] <= erasure.width:
+    patch = None
+    if erasure.thin:
         up, down = erasure.low_rank()
         if 2 * up.shape[1] < up.shape[0]:
             patch = KVTransformPatch(up, down)
+    if patch is None:
+        patch = KVTransformPatch(erasure.edit)
     clone = model.clone()
     missing = set(keys) - set(clone.add_patches({key: patch for key in keys}, strength))
     if missing:

@@ -114,6 +114,13 @@ class Erasure:
         """An upper bound on ``rank()`` that costs nothing: ``min(R, d)``."""
         return min(self.factors[0].shape[1], self.width)
 
+    @property
+    def thin(self) -> bool:
+        """Whether the factors are at most ``d`` columns wide, so that the SVD
+        behind ``rank()`` and ``low_rank()`` costs ``O(d R^2)``, not a ``d x d``
+        decomposition (seconds for SDXL with many concepts)."""
+        return self.factors[0].shape[1] <= self.width
+
     def singular_values(self) -> torch.Tensor:
         """Singular values of ``T - I``, largest first."""
         return self._svd[1]

@@ -34,9 +34,12 @@ def _energy(gram_matrix: torch.Tensor, rows: torch.Tensor) -> float:
 
 def _edit_factors(erasure: Erasure, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``T - I = up @ down`` as float64 on ``device``; ``down`` None when the
-    factors would be wider than ``d`` and ``up`` is ``T - I`` itself."""
+    factors would be wider than ``d`` and ``up`` is ``T - I`` itself (the
+    erasure's cached ``edit``, formed once for all the report's figures)."""
+    if not erasure.thin:
+        return as_algebra(erasure.edit, device), None
     up, down = (as_algebra(f, device) for f in erasure.factors)
-    return (up, down) if up.shape[1] <= up.shape[0] else (up @ down, None)
+    return up, down
 
 
 def _edited(rows: torch.Tensor, up: torch.Tensor, down: torch.Tensor | None) -> torch.Tensor:
