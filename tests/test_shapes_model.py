@@ -42,6 +42,22 @@ def test_frozen_text_encoder_is_regenerated_exactly():
     assert frozen_clip.digest(frozen_clip.clip_state_dict(seed=frozen_clip.CLIP_SEED + 1)) != frozen_clip.CLIP_SHA256
 
 
+def test_the_experiments_text_encoders_are_regenerated_exactly():
+    scaled = frozen_clip.checked_clip_state_dict(token_scale=10.0)
+    plain = frozen_clip.clip_state_dict()
+    key = frozen_clip.TOKEN_EMBEDDING_KEY
+    assert torch.equal(scaled[key], (plain[key].float() * 10).half())
+    assert all(torch.equal(scaled[k], plain[k]) for k in plain if k != key)
+    with pytest.raises(ValueError, match="no stored checksum"):
+        frozen_clip.checked_clip_state_dict(token_scale=3.0)
+
+
+def test_partial_captions_name_one_attribute_of_the_image():
+    labels = torch.tensor([data.CAPTIONS.index("a green triangle")] * 3)
+    index = data.training_caption_index(labels, torch.tensor([0, 1, 2]))
+    assert [data.TRAINING_CAPTIONS[i] for i in index] == ["a green triangle", "a triangle", "a green shape"]
+
+
 def test_shipped_weights_are_fp16_and_small():
     files = [train.WEIGHTS_DIR / train.UNET_FILE, train.WEIGHTS_DIR / train.VAE_FILE]
     assert sum(f.stat().st_size for f in files) < 50 * 2**20

@@ -44,9 +44,11 @@ def read_weights(weights_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def checkpoint_state_dict(weights_dir: Path = train.WEIGHTS_DIR) -> tuple[dict[str, torch.Tensor], dict]:
     """Every tensor of the demo checkpoint (fp16), checked against the SD1.5 layout of ``sd15-mini``."""
     tensors, metadata = read_weights(weights_dir)
-    clip = frozen_clip.checked_clip_state_dict()
-    if metadata.get("settings", {}).get("clip_sha256") != frozen_clip.CLIP_SHA256:
-        raise RuntimeError("the shipped UNet was trained against another text encoder than frozen_clip's")
+    trained = metadata.get("settings", {})
+    token_scale = float(trained.get("clip_token_scale", 1.0))
+    if trained.get("clip_sha256") != frozen_clip.CLIP_SHA256_BY_TOKEN_SCALE.get(token_scale):
+        raise RuntimeError("the UNet was trained against another text encoder than frozen_clip's")
+    clip = frozen_clip.checked_clip_state_dict(token_scale)
     tensors.update(clip)
     layout = checkpoint_builder.checkpoint_layout(frozen_clip.VARIANT)
     missing, extra = set(layout) - set(tensors), set(tensors) - set(layout)

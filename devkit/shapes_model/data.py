@@ -23,6 +23,22 @@ def caption(colour: str, shape: str) -> str:
 
 CAPTIONS: tuple[str, ...] = tuple(caption(c, s) for c in COLOURS for s in SHAPES)
 
+# Captions that name one attribute, for training only (the experiment of
+# train.PARTIAL_CAPTION_RATE; the shipped model never saw them): an erasure
+# names one word ("circle", "red"), so the model might learn what each word
+# means on its own, not only inside the full caption.
+SHAPE_CAPTIONS: tuple[str, ...] = tuple(f"a {s}" for s in SHAPES)
+COLOUR_CAPTIONS: tuple[str, ...] = tuple(f"a {c} shape" for c in COLOURS)
+TRAINING_CAPTIONS: tuple[str, ...] = CAPTIONS + SHAPE_CAPTIONS + COLOUR_CAPTIONS
+
+
+def training_caption_index(labels: torch.Tensor, forms: torch.Tensor) -> torch.Tensor:
+    """Indices into TRAINING_CAPTIONS: form 0 the full caption of ``labels``
+    (indices into CAPTIONS), 1 its shape alone, 2 its colour alone."""
+    shape_only = len(CAPTIONS) + labels % len(SHAPES)
+    colour_only = len(CAPTIONS) + len(SHAPES) + labels // len(SHAPES)
+    return torch.where(forms == 0, labels, torch.where(forms == 1, shape_only, colour_only))
+
 
 def shape_coverage(shape: str, centre_x: float, centre_y: float, side: float, size: int = SIZE) -> torch.Tensor:
     """The fraction of each pixel a shape covers, [size, size], by supersampling."""

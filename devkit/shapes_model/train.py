@@ -56,6 +56,9 @@ UNET_BATCH = 48
 UNET_LR = 5e-4
 WARMUP_STEPS = 50
 EMPTY_CAPTION_RATE = 0.1
+# Tried, not shipped (README, the demo model's experiments); the defaults give the shipped model.
+PARTIAL_CAPTION_RATE = 0.0  # half of it "a {shape}", half "a {colour} shape"
+CLIP_TOKEN_SCALE = 1.0  # frozen_clip's token-embedding scale
 EMA_MAX_DECAY = 0.999
 
 
@@ -80,12 +83,12 @@ def caption_contexts() -> dict[str, torch.Tensor]:
     import nodes
 
     state_dict = checkpoint_builder.build_state_dict(frozen_clip.VARIANT, seed=0)
-    state_dict.update(frozen_clip.checked_clip_state_dict())
+    state_dict.update(frozen_clip.checked_clip_state_dict(CLIP_TOKEN_SCALE))
     _, clip, _, _ = comfy.sd.load_state_dict_guess_config(state_dict, output_vae=False)
     encoder = nodes.CLIPTextEncode()
     with torch.inference_mode():
         return {text: encoder.encode(clip, text)[0][0][0][0].float().clone()
-                for text in (*data.CAPTIONS, "")}
+                for text in (*data.TRAINING_CAPTIONS, "")}
 
 
 def new_vae() -> torch.nn.Module:
@@ -174,7 +177,7 @@ def train_unet(latents: torch.Tensor, labels: torch.Tensor, contexts: dict[str, 
                generator: torch.Generator, log: list) -> torch.nn.Module:
     unet = new_unet().train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    caption_context = torch.stack([contexts[c] for c in data.CAPTIONS])
+    caption_context = torch.stack([contexts[c] for c in data.TRAINING_CAPTIONS])
     empty_context = contexts[""]
     schedule_ab = alphas_cumprod()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=UNET_LR, weight_decay=0.01)
@@ -189,7 +192,12 @@ def train_unet(latents: torch.Tensor, labels: torch.Tensor, contexts: dict[str, 
         index = order[cursor:cursor + UNET_BATCH]
         cursor += UNET_BATCH
         x0 = latents[index]
-        context = caption_context[labels[index]].clone()
+        caption_index = labels[index]
+        if PARTIAL_CAPTION_RATE > 0:  # drawn only then, so that rate 0 replays the shipped model's random stream
+            partial = torch.rand(len(index), generator=generator)
+            forms = torch.where(partial >= PARTIAL_CAPTION_RATE, 0, torch.where(partial < PARTIAL_CAPTION_RATE / 2, 1, 2))
+            caption_index = data.training_caption_index(caption_index, forms)
+        context = caption_context[caption_index].clone()
         drop = torch.rand(len(index), generator=generator) < EMPTY_CAPTION_RATE
         context[drop] = empty_context
         t = torch.randint(0, 1000, (len(index),), generator=generator)
@@ -234,20 +242,26 @@ def settings() -> dict:
     return {"seed": SEED, "threads": THREADS, "vae_steps": VAE_STEPS, "vae_batch": VAE_BATCH, "vae_lr": VAE_LR,
             "shape_pixel_weight": SHAPE_PIXEL_WEIGHT, "latent_pool": LATENT_POOL, "unet_steps": UNET_STEPS,
             "unet_batch": UNET_BATCH, "unet_lr": UNET_LR, "warmup_steps": WARMUP_STEPS,
-            "empty_caption_rate": EMPTY_CAPTION_RATE, "ema_max_decay": EMA_MAX_DECAY,
-            "clip_seed": frozen_clip.CLIP_SEED, "clip_sha256": frozen_clip.CLIP_SHA256}
+            "empty_caption_rate": EMPTY_CAPTION_RATE, "partial_caption_rate": PARTIAL_CAPTION_RATE,
+            "ema_max_decay": EMA_MAX_DECAY,
+            "clip_seed": frozen_clip.CLIP_SEED, "clip_token_scale": CLIP_TOKEN_SCALE,
+            "clip_sha256": frozen_clip.CLIP_SHA256_BY_TOKEN_SCALE[CLIP_TOKEN_SCALE]}
 
 
 def main(argv: list[str] | None = None) -> int:
-    global VAE_STEPS, UNET_STEPS, LATENT_POOL
+    global VAE_STEPS, UNET_STEPS, LATENT_POOL, PARTIAL_CAPTION_RATE, CLIP_TOKEN_SCALE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="folder for the weights (default: demo_model/)")
     parser.add_argument("--overwrite", action="store_true", help="replace weights already there")
     parser.add_argument("--vae-steps", type=int, default=VAE_STEPS, help=argparse.SUPPRESS)
     parser.add_argument("--unet-steps", type=int, default=UNET_STEPS, help=argparse.SUPPRESS)
     parser.add_argument("--latent-pool", type=int, default=LATENT_POOL, help=argparse.SUPPRESS)
+    parser.add_argument("--partial-caption-rate", type=float, default=PARTIAL_CAPTION_RATE, help=argparse.SUPPRESS)
+    parser.add_argument("--clip-token-scale", type=float, default=CLIP_TOKEN_SCALE,
+                        choices=sorted(frozen_clip.CLIP_SHA256_BY_TOKEN_SCALE), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     VAE_STEPS, UNET_STEPS, LATENT_POOL = args.vae_steps, args.unet_steps, args.latent_pool
+    PARTIAL_CAPTION_RATE, CLIP_TOKEN_SCALE = args.partial_caption_rate, args.clip_token_scale
     args.out.mkdir(parents=True, exist_ok=True)
     targets = [args.out / VAE_FILE, args.out / UNET_FILE]
     if not args.overwrite and any(t.exists() for t in targets):
