@@ -58,19 +58,21 @@ class KVTransformPatch(WeightAdapterBase):
         return weight
 
 
-def transformed_clone(model, keys, erasure: Erasure, strength: float = 1.0):
-    """A clone of ``model`` whose matrices ``keys`` become ``W @ (I + strength * (T - I))``."""
-    # Orthogonal factors (from the SVD, exact at the numerical rank) when they
-    # are thin (one concept: rank 306 of 768 or 2048); float32 keeps them accurate.
-    # Edits with more factor columns than d (many concepts) are one dense d x d
-    # matrix, without the SVD, which would cost seconds for SDXL.
-    patch = None
+def _patch_for(erasure: Erasure) -> KVTransformPatch:
+    """Orthogonal factors (from the SVD, exact at the numerical rank) when they
+    are thin (one concept: rank 306 of 768 or 2048); float32 keeps them accurate.
+    Otherwise one dense d x d edit; edits with more factor columns than d (many
+    concepts) skip the SVD, which would cost seconds for SDXL."""
     if erasure.thin:
         up, down = erasure.low_rank()
         if 2 * up.shape[1] < up.shape[0]:
-            patch = KVTransformPatch(up, down)
-    if patch is None:
-        patch = KVTransformPatch(erasure.edit)
+            return KVTransformPatch(up, down)
+    return KVTransformPatch(erasure.edit)
+
+
+def transformed_clone(model, keys, erasure: Erasure, strength: float = 1.0):
+    """A clone of ``model`` whose matrices ``keys`` become ``W @ (I + strength * (T - I))``."""
+    patch = _patch_for(erasure)
     clone = model.clone()
     missing = set(keys) - set(clone.add_patches({key: patch for key in keys}, strength))
     if missing:
