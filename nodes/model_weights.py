@@ -116,7 +116,8 @@ def _kv_weights(model, device: torch.device | None, with_patches: bool, finite: 
     weights: dict[str, torch.Tensor] = {}
     for key in kv_keys(model):
         (base, convert), *rest = patches[key]
-        weight = convert(base.to(device=device, dtype=torch.float32, copy=True), inplace=True)
+        # detach: ComfyUI's parameters may require grad, and nothing here is trained.
+        weight = convert(base.detach().to(device=device, dtype=torch.float32, copy=True), inplace=True)
         if rest and with_patches:
             weight = comfy.lora.calculate_weight(rest, weight, key)
         weights[key] = weight

@@ -30,7 +30,7 @@ def weights_signature(weights: Mapping[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     probes: dict[tuple, torch.Tensor] = {}
     for name in sorted(weights):
-        w = weights[name]
+        w = weights[name].detach()
         key = (w.shape[-1], w.device)
         if key not in probes:
             generator = torch.Generator().manual_seed(_PROBE_SEED)

@@ -54,7 +54,7 @@ def lora_factors(
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     error_sq = total_sq = worst = 0.0
     for name, weight in weights.items():
-        w = weight.float()
+        w = weight.detach().float()
         up = (w @ a.to(device=w.device, dtype=torch.float32)).to(dtype)
         down = b.to(device=w.device, dtype=dtype)
         exact = w @ full.to(device=w.device, dtype=torch.float32)

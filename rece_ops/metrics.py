@@ -140,8 +140,8 @@ def relative_differences(
     """``|W - W_ref|_F / |W_ref|_F`` per matrix name that both hold."""
     out = {}
     for name in sorted(set(weights) & set(reference)):
-        ref = reference[name].float()
-        diff = weights[name].float().to(ref.device) - ref
+        ref = reference[name].detach().float()
+        diff = weights[name].detach().float().to(ref.device) - ref
         scale = float(ref.norm())
         out[name] = float(diff.norm()) / scale if scale > 0 else float(diff.norm())
     return out
@@ -151,8 +151,8 @@ def overall_difference(weights: Mapping[str, torch.Tensor], reference: Mapping[s
     """``sqrt(sum |W - W_ref|^2 / sum |W_ref|^2)`` over the matrices both hold."""
     num = den = 0.0
     for name in set(weights) & set(reference):
-        ref = reference[name].float()
-        num += float((weights[name].float().to(ref.device) - ref).norm()) ** 2
+        ref = reference[name].detach().float()
+        num += float((weights[name].detach().float().to(ref.device) - ref).norm()) ** 2
         den += float(ref.norm()) ** 2
     return (num / den) ** 0.5 if den > 0 else num ** 0.5
 

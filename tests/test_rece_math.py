@@ -8,6 +8,7 @@ two must agree to 1e-5 relative (Frobenius norm, per matrix), the spec's bar.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -607,6 +608,24 @@ def test_apply_returns_the_weights_dtype_and_device_and_delta_float32(device, dt
         assert delta.shape == weights[name].shape
     for matrix in (result.transform, *result.factors, *result.adversarial[0]):
         assert matrix.dtype == torch.float64
+
+
+def test_weights_that_require_grad_give_the_same_results_without_autograd_warnings(tiny_problem):
+    # ComfyUI's parameters may require grad; nothing in rece_ops trains them.
+    from rece_ops.gram_cache import weights_signature
+    from rece_ops.lora_export import lora_factors
+
+    plain = {n: w.float() for n, w in tiny_problem.weights.items()}
+    tracked = {n: w.clone().requires_grad_() for n, w in plain.items()}
+    shifted = {n: w * 1.01 for n, w in plain.items()}
+    result = run_fast(tiny_problem, RECESettings(epochs=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert weights_signature(tracked) == weights_signature(plain)
+        assert torch.equal(gram(tracked), gram(plain))
+        assert metrics.overall_difference(tracked, shifted) == metrics.overall_difference(plain, shifted) > 0
+        assert metrics.relative_differences(shifted, tracked) == metrics.relative_differences(shifted, plain)
+        assert lora_factors(tracked, result).worst_relative_error == lora_factors(plain, result).worst_relative_error
 
 
 # ---------------------------------------------------------------------------
