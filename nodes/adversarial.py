@@ -10,7 +10,7 @@ from ..rece_ops.closed_form import adversarial_from_grams, cross_gram
 from . import model_weights, reports, text_encoding
 from .erase_concept import CATEGORY, GRAM_CACHE
 from .erasure_state import original_model
-from .progress import check_cancel
+from .progress import StepProgress
 
 
 def derive_adversarial(model, clip, concept: str, reg_scale: float, original=None) -> tuple[list, str]:
@@ -32,10 +32,13 @@ def derive_adversarial(model, clip, concept: str, reg_scale: float, original=Non
     if keys != model_weights.kv_keys(original):
         raise ValueError("original_model has different cross-attention layers than the erased MODEL: connect the "
                          "checkpoint the erased model came from")
+    # Phases: text, K/V weights, the three Gram matrices, the solve and report.
+    progress = StepProgress(6)
     encoded, pooled = text_encoding.encode_with_pooled(clip, concept)
-    check_cancel()
+    progress.step()
     edited = model_weights.effective_kv_weights(model)
     before = model_weights.effective_kv_weights(original)
+    progress.step()
     model_weights.check_text_width(encoded.width, edited)
     for key in keys:
         if edited[key].shape != before[key].shape:
@@ -44,9 +47,9 @@ def derive_adversarial(model, clip, concept: str, reg_scale: float, original=Non
     if all(torch.equal(edited[k], before[k]) for k in keys):
         raise ValueError("the MODEL's cross-attention weights equal the original's: nothing was erased; connect an "
                          "erased MODEL (the output of RECE/UCE Erase Concept, or a saved erased checkpoint)")
-    gram_edited = GRAM_CACHE.get(edited)
-    gram_original = GRAM_CACHE.get(before)
-    gram_cross = cross_gram(edited, before)
+    gram_edited = GRAM_CACHE.get(edited, progress.phase())
+    gram_original = GRAM_CACHE.get(before, progress.phase())
+    gram_cross = cross_gram(edited, before, callback=progress.phase())
     found = adversarial_from_grams(encoded.rows, gram_edited, gram_cross, reg_scale)
     report = reports.adversarial_report(
         concept, reg_scale,
@@ -56,6 +59,7 @@ def derive_adversarial(model, clip, concept: str, reg_scale: float, original=Non
     )
     extras = {} if pooled is None else {"pooled_output": pooled}
     conditioning = [[found.to(dtype=torch.float32, device="cpu").unsqueeze(0), extras]]
+    progress.step()
     return conditioning, report
 
 

@@ -11,7 +11,7 @@ from ..rece_ops.gram_cache import GramCache
 
 from . import model_weights, reports, text_encoding
 from .erasure_state import ErasureRecord, remember_erasure
-from .progress import StepProgress, check_cancel
+from .progress import StepProgress
 from .transform_patch import transformed_clone
 
 CATEGORY = "RECE"
@@ -83,6 +83,7 @@ def erase_concepts(
     preset_name: str, settings: RECESettings, strength: float,
 ) -> tuple[object, str, dict[str, float]]:
     """Erase ``concepts`` from ``model``; return (patched clone, report, seconds per part)."""
+    model_weights.check_strength(strength)
     names = rece_ops.split_concepts(concepts)
     if not names:
         raise ValueError("no concepts to erase: type at least one concept in 'concepts' (one per line)")
@@ -94,27 +95,28 @@ def erase_concepts(
             raise ValueError(f"{name!r} is both erased and preserved: remove it from one of the two lists")
     keys = model_weights.kv_keys(model)
 
+    # Phases: text, K/V weights, G, the algebra, patches, report.
+    progress = StepProgress(6)
     started = time.perf_counter()
-    encoded = text_encoding.encode_texts(clip, names + [guide] + rece_ops.preserve_prompts(kept))
+    encoded = text_encoding.encode_texts(clip, names + [guide] + rece_ops.preserve_prompts(kept), progress.phase())
     concept_rows, guide_rows, preserve_rows = encoded[:len(names)], encoded[len(names)], encoded[len(names) + 1:]
     seconds = {"text": time.perf_counter() - started}
-    check_cancel()
 
     started = time.perf_counter()
     weights = model_weights.effective_kv_weights(model, check_finite=False)
     model_weights.check_text_width(encoded[0].width, weights)
+    progress.step()
     seconds["weights"] = time.perf_counter() - started
     started = time.perf_counter()
     misses = GRAM_CACHE.misses
-    gram_matrix = GRAM_CACHE.get(weights)
+    gram_matrix = GRAM_CACHE.get(weights, progress.phase())
     if not torch.isfinite(gram_matrix).all():  # G = sum W^T W is finite exactly when every W is
         model_weights.check_finite(weights)
     seconds["gram"] = time.perf_counter() - started
     seconds["gram_cached"] = GRAM_CACHE.misses == misses
     started = time.perf_counter()
-    progress = StepProgress(settings.epochs + 2)
     erasure = rece_ops.erase(concept_rows, [guide_rows] * len(names), preserve_rows, settings,
-                             gram_matrix=gram_matrix, callback=progress)
+                             gram_matrix=gram_matrix, callback=progress.phase())
     seconds["algebra"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -123,7 +125,7 @@ def erase_concepts(
         erasure, strength, tuple(keys), tuple(rece_ops.kv_fingerprint(weights)),
         (rece_ops.describe(erasure, method, 1.0),)))
     seconds["patches"] = time.perf_counter() - started
-    progress(settings.epochs + 2, settings.epochs + 2)
+    progress.step()
 
     started = time.perf_counter()
     report = reports.erase_report(
@@ -131,6 +133,7 @@ def erase_concepts(
         preset_name=preset_name, strength=strength, n_matrices=len(keys), seconds=seconds,
     )
     seconds["report"] = time.perf_counter() - started
+    progress.step()
     return erased, report, seconds
 
 

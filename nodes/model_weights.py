@@ -8,6 +8,7 @@ its tensors with the original.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
@@ -126,6 +127,13 @@ def _kv_weights(model, device: torch.device | None, with_patches: bool, finite: 
     return weights
 
 
+def check_strength(strength: float) -> None:
+    """Refuse a strength that would fill the weights with NaN (an API prompt
+    can send NaN: ComfyUI's min/max check lets it through)."""
+    if not math.isfinite(strength):
+        raise ValueError(f"strength must be a finite number, got {strength}: use 1.0 for the full edit")
+
+
 def patched_clone(model, deltas: Mapping[str, torch.Tensor], strength: float = 1.0):
     """A clone of ``model`` whose K/V weights get ``strength * delta`` added.
 
@@ -133,6 +141,7 @@ def patched_clone(model, deltas: Mapping[str, torch.Tensor], strength: float = 1
     computes patched weights in float32 and casts the sum to the weight's
     dtype, so an fp16 model loses nothing of the edit before that cast.
     """
+    check_strength(strength)
     clone = model.clone()
     patch = {key: (delta.to(device="cpu", dtype=torch.float32),) for key, delta in deltas.items()}
     missing = set(deltas) - set(clone.add_patches(patch, strength))

@@ -5,6 +5,7 @@ from typing import Iterable
 
 import torch
 
+from ..rece_ops.closed_form import StepCallback
 from ..rece_ops.texts import EncodedText, count_words
 
 
@@ -56,13 +57,14 @@ def encode_text(clip, text: str) -> EncodedText:
 BATCH_CHUNKS = 64
 
 
-def encode_texts(clip, texts: Iterable[str]) -> list[EncodedText]:
+def encode_texts(clip, texts: Iterable[str], callback: StepCallback | None = None) -> list[EncodedText]:
     """Encode many texts, each distinct text once, in as few CLIP forwards as possible.
 
     ComfyUI's CLIP encodes the chunks of one prompt as one batch; the chunks
     of many prompts are passed the same way (every tokenizer's chunk lists
     joined), and the rows split back per text. Each chunk is encoded on its
     own in either case, so the rows are those of separate encodes.
+    ``callback`` is called as (forwards done, forwards) and may raise to stop.
     """
     if clip is None:
         raise ValueError("no CLIP connected: connect the CLIP output of the checkpoint loader")
@@ -70,13 +72,17 @@ def encode_texts(clip, texts: Iterable[str]) -> list[EncodedText]:
     unique = list(dict.fromkeys(texts))
     tokens = {text: clip.tokenize(text) for text in unique}
     words = {text: chunk_word_counts(tokens[text], text) for text in unique}
-    encoded: dict[str, EncodedText] = {}
-    batch: list[str] = []
+    batches: list[list[str]] = [[]]
     for text in unique:
-        batch.append(text)
-        if sum(len(words[t]) for t in batch) >= BATCH_CHUNKS or text == unique[-1]:
+        if batches[-1] and sum(len(words[t]) for t in batches[-1]) >= BATCH_CHUNKS:
+            batches.append([])
+        batches[-1].append(text)
+    encoded: dict[str, EncodedText] = {}
+    for done, batch in enumerate(batches, 1):
+        if batch:
             encoded.update(_encode_batch(clip, batch, tokens, words))
-            batch = []
+        if callback:
+            callback(done, len(batches))
     return [encoded[text] for text in texts]
 
 

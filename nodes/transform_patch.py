@@ -15,6 +15,7 @@ import comfy.model_management
 from comfy.weight_adapter.base import WeightAdapterBase
 
 from ..rece_ops import Erasure
+from .model_weights import check_strength
 
 
 class KVTransformPatch(WeightAdapterBase):
@@ -72,6 +73,7 @@ def _patch_for(erasure: Erasure) -> KVTransformPatch:
 
 def transformed_clone(model, keys, erasure: Erasure, strength: float = 1.0):
     """A clone of ``model`` whose matrices ``keys`` become ``W @ (I + strength * (T - I))``."""
+    check_strength(strength)
     patch = _patch_for(erasure)
     clone = model.clone()
     missing = set(keys) - set(clone.add_patches({key: patch for key in keys}, strength))

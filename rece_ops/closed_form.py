@@ -10,12 +10,15 @@ weights' device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 
 ALGEBRA_DTYPE = torch.float64
+
+# Progress hook: called as (done, total) as work proceeds; may raise to cancel.
+StepCallback = Callable[[int, int], None]
 
 
 def algebra_device(device: torch.device) -> torch.device:
@@ -28,7 +31,11 @@ def as_algebra(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device=device, dtype=ALGEBRA_DTYPE)
 
 
-def gram(weights: Iterable[torch.Tensor] | Mapping[str, torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+def gram(
+    weights: Iterable[torch.Tensor] | Mapping[str, torch.Tensor],
+    device: torch.device | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
     """``G = sum_l W_l^T W_l`` over all K/V matrices, float64 ``[d, d]``.
 
     Computed in float64 on the weights' device although it is a large
@@ -37,9 +44,10 @@ def gram(weights: Iterable[torch.Tensor] | Mapping[str, torch.Tensor], device: t
     1e-7*|G| in every direction) comes back amplified by |G|/reg, beyond 1e-5
     when the model has fewer K/V rows than the context is wide. ``G``
     depends only on the original weights: callers compute it once per model.
+    ``callback`` is called as (matrices done, matrices) and may raise to stop.
     """
     matrices = list(weights.values() if isinstance(weights, Mapping) else weights)
-    return cross_gram(matrices, matrices, device)
+    return cross_gram(matrices, matrices, device, callback)
 
 
 @dataclass(frozen=True)
@@ -157,11 +165,13 @@ def cross_gram(
     left: Iterable[torch.Tensor] | Mapping[str, torch.Tensor],
     right: Iterable[torch.Tensor] | Mapping[str, torch.Tensor],
     device: torch.device | None = None,
+    callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """``sum_l A_l^T B_l`` over paired matrices (float64 ``[d, d]``, on the
     algebra device of ``device`` or the first matrix). With an edited model's
     weights ``A`` and the original's ``B`` it is all the adversarial solve
-    needs when the edit is not one shared transform; ``gram`` is ``A = B``."""
+    needs when the edit is not one shared transform; ``gram`` is ``A = B``.
+    ``callback`` is called as (pairs done, pairs) and may raise to stop."""
     lefts = list(left.values() if isinstance(left, Mapping) else left)
     rights = list(right.values() if isinstance(right, Mapping) else right)
     if not lefts:
@@ -175,15 +185,17 @@ def cross_gram(
             raise ValueError(f"every K/V weight must be [d_out, {width}] (paired ones equal), "
                              f"got {tuple(a.shape)} and {tuple(b.shape)}")
     if target.type == "cpu" and all(a is b for a, b in zip(lefts, rights)):
-        return _cpu_gram(lefts, width)
+        return _cpu_gram(lefts, width, callback)
     total = torch.zeros(width, width, dtype=ALGEBRA_DTYPE, device=target)
-    for a, b in zip(lefts, rights):
+    for done, (a, b) in enumerate(zip(lefts, rights), 1):
         a64 = as_algebra(a, target)
         total += a64.T @ (a64 if b is a else as_algebra(b, target))
+        if callback:
+            callback(done, len(lefts))
     return total
 
 
-def _cpu_gram(matrices: list[torch.Tensor], width: int) -> torch.Tensor:
+def _cpu_gram(matrices: list[torch.Tensor], width: int, callback: StepCallback | None = None) -> torch.Tensor:
     """``sum W^T W`` in float64 on the CPU through NumPy, whose ``X.T @ X``
     is a symmetric rank-k update (half the work of a general product; torch
     has none), on blocks of stacked matrices copied into one float64 buffer.
@@ -199,12 +211,14 @@ def _cpu_gram(matrices: list[torch.Tensor], width: int) -> torch.Tensor:
     buffer = np.empty((min(buffer_rows, total_rows), width))
     total = np.zeros((width, width))
     filled = 0
-    for matrix in matrices:
+    for done, matrix in enumerate(matrices):
         rows = matrix.shape[0]
         if filled + rows > buffer.shape[0]:
             block = buffer[:filled]
             total += block.T @ block
             filled = 0
+            if callback:
+                callback(done, len(matrices))
         # NumPy casts float32 to float64 while it copies: one pass, no temporary
         # (it has no bfloat16: those and other half types go through float32).
         part = matrix.detach().to(device="cpu")
@@ -213,6 +227,8 @@ def _cpu_gram(matrices: list[torch.Tensor], width: int) -> torch.Tensor:
     if filled:
         block = buffer[:filled]
         total += block.T @ block
+    if callback:
+        callback(len(matrices), len(matrices))
     return torch.from_numpy(total)
 
 

@@ -95,13 +95,14 @@ def load_erasure_file(path: str | os.PathLike) -> ErasureFile:
     missing = [k for k in REQUIRED_INFO if k not in info] if isinstance(info, dict) else list(REQUIRED_INFO)
     if missing:
         raise ValueError(f"{name}: its erasure metadata lacks {', '.join(missing)}; the file is damaged or not ours")
-    if info["format"] != FORMAT or int(info["format_version"]) > FORMAT_VERSION:
+    _check_info_types(name, info)
+    if info["format"] != FORMAT or info["format_version"] > FORMAT_VERSION:
         raise ValueError(f"{name} is format {info['format']!r} version {info['format_version']}; this version reads "
                          f"{FORMAT!r} up to version {FORMAT_VERSION}: update the pack")
     up, down = tensors.get(UP_KEY), tensors.get(DOWN_KEY)
     if up is None or down is None:
         raise ValueError(f"{name} lacks the tensors {UP_KEY!r} and {DOWN_KEY!r}")
-    width, rank = int(info["context_width"]), int(info["rank"])
+    width, rank = info["context_width"], info["rank"]
     if up.ndim != 2 or down.ndim != 2 or tuple(up.shape) != (width, rank) or tuple(down.shape) != (rank, width):
         raise ValueError(f"{name}: factors of shapes {tuple(up.shape)} and {tuple(down.shape)} do not match its "
                          f"metadata (context width {width}, rank {rank}); the file is damaged")
@@ -116,3 +117,33 @@ def load_erasure_file(path: str | os.PathLike) -> ErasureFile:
     erasure = Erasure(steps=(step,), concepts=tuple(c for e in entries for c in e.get("concepts", ())),
                       guides=(first.get("guide", ""),), preserves=tuple(first.get("preserve", ())))
     return ErasureFile(erasure=erasure, info=info)
+
+
+def _check_info_types(name: str, info: dict) -> None:
+    """Refuse metadata whose values have the wrong JSON types (a hand-edited
+    or damaged file), naming the field, before anything reads them."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_texts(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(t, str) for t in v)
+
+    problems = [field for field, ok in (
+        ("format", isinstance(info["format"], str)),
+        ("format_version", is_int(info["format_version"])),
+        ("context_width", is_int(info["context_width"]) and info["context_width"] > 0),
+        ("rank", is_int(info["rank"]) and info["rank"] >= 0),
+        ("matrices", is_int(info["matrices"])),
+        ("family", isinstance(info["family"], str)),
+        ("pack_version", isinstance(info["pack_version"], str)),
+        ("erasures", isinstance(info["erasures"], list) and all(isinstance(e, dict) for e in info["erasures"])),
+    ) if not ok]
+    for entry in info["erasures"] if "erasures" not in problems else ():
+        strength = entry.get("strength", 1.0)
+        if not (is_texts(entry.get("concepts", [])) and isinstance(entry.get("guide", ""), str)
+                and is_texts(entry.get("preserve", [])) and isinstance(strength, (int, float))
+                and not isinstance(strength, bool) and math.isfinite(strength)):
+            problems.append("erasures")
+            break
+    if problems:
+        raise ValueError(f"{name}: its erasure metadata has invalid {', '.join(problems)}; the file is damaged")

@@ -14,7 +14,7 @@ from typing import Mapping
 
 import torch
 
-from .closed_form import gram
+from .closed_form import StepCallback, gram
 
 _PROBE_SEED = 20240712  # fixed: signatures must agree between runs in a process
 
@@ -49,16 +49,19 @@ class GramCache:
         self.hits = 0
         self.misses = 0
 
-    def get(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``gram(weights)``, computed once per distinct content and device."""
+    def get(self, weights: Mapping[str, torch.Tensor], callback: StepCallback | None = None) -> torch.Tensor:
+        """``gram(weights)``, computed once per distinct content and device;
+        ``callback`` is ``gram``'s (called once, as done, on a hit)."""
         first = next(iter(weights.values()), None)
         key = (weights_signature(weights), str(first.device) if first is not None else "")
         if key in self._entries:
             self._entries.move_to_end(key)
             self.hits += 1
+            if callback:
+                callback(1, 1)
             return self._entries[key]
         self.misses += 1
-        value = gram(weights)
+        value = gram(weights, callback=callback)
         self._entries[key] = value
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)

@@ -7,18 +7,15 @@ it needs only ``G = sum_l W_l^T W_l`` of the original weights.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
-from .closed_form import (adversarial_from_grams, algebra_device, as_algebra, edited_grams, gram,
+from .closed_form import (StepCallback, adversarial_from_grams, algebra_device, as_algebra, edited_grams, gram,
                           no_wider_than_d, uce_step)
 from .erasure import Erasure
 from .settings import RECESettings
 from .texts import EncodedText, epoch_targets, uce_erase_rows
-
-# Called after each step as (steps_done, steps_total); may raise to cancel.
-StepCallback = Callable[[int, int], None]
 
 
 def _stack_rows(texts: Sequence[EncodedText], device: torch.device) -> torch.Tensor | None:

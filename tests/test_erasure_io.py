@@ -83,6 +83,16 @@ def test_saving_never_replaces_a_file_and_leaves_no_partial_file(tmp_path, probl
     assert sorted(os.listdir(tmp_path)) == ["e.safetensors"]
 
 
+DAMAGED_INFO = {  # hand-edited metadata with values of the wrong JSON type
+    "null_rank": lambda info: dict(info, rank=None),
+    "text_width": lambda info: dict(info, context_width="768"),
+    "erasures_not_a_list": lambda info: dict(info, erasures={"concepts": ["nudity"]}),
+    "entry_not_a_dict": lambda info: dict(info, erasures=["nudity"]),
+    "concepts_not_texts": lambda info: dict(info, erasures=[dict(info["erasures"][0], concepts=[1, 2])]),
+    "strength_not_a_number": lambda info: dict(info, erasures=[dict(info["erasures"][0], strength="full")]),
+}
+
+
 def _write(path, tensors, metadata=None):
     save_file(tensors, str(path), metadata=metadata)
     return path
@@ -97,6 +107,12 @@ def _write(path, tensors, metadata=None):
     ("newer_format", "update the pack"),
     ("wrong_shape", "do not match its metadata"),
     ("nan", "NaN"),
+    ("null_rank", "invalid rank"),
+    ("text_width", "invalid context_width"),
+    ("erasures_not_a_list", "invalid erasures"),
+    ("entry_not_a_dict", "invalid erasures"),
+    ("concepts_not_texts", "invalid erasures"),
+    ("strength_not_a_number", "invalid erasures"),
 ])
 def test_damaged_or_foreign_files_are_refused_with_the_reason(tmp_path, problem, erasure, case, message):
     good = save(tmp_path / "good.safetensors", erasure, weights32(problem))
@@ -117,6 +133,8 @@ def test_damaged_or_foreign_files_are_refused_with_the_reason(tmp_path, problem,
         _write(path, tensors, {METADATA_KEY: json.dumps(dict(info, format_version=99))})
     elif case == "wrong_shape":
         _write(path, {UP_KEY: tensors[UP_KEY][:-1], DOWN_KEY: tensors[DOWN_KEY]}, metadata)
+    elif case in DAMAGED_INFO:
+        _write(path, tensors, {METADATA_KEY: json.dumps(DAMAGED_INFO[case](info))})
     elif case == "nan":
         up = tensors[UP_KEY].clone()
         up[0, 0] = float("nan")

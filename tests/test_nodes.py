@@ -231,33 +231,58 @@ def progress_hook():
     comfy.utils.set_progress_bar_global_hook(previous)
 
 
-def test_progress_bar_counts_the_steps_to_the_end(pack, slim_sd15, progress_hook):
+PHASE = 100  # progress units per phase of a node (nodes/progress.py)
+
+
+def test_progress_bar_fills_once_over_every_phase_to_the_end(pack, slim_sd15, progress_hook):
     rece_node(pack, *slim_sd15[:2], epochs=3)
-    assert progress_hook[-1] == (5, 5)  # UCE step, 3 epochs, patches
+    # text, K/V weights, G, the algebra, patches, report: the bar is full only after the report.
+    assert progress_hook[-1] == (6 * PHASE, 6 * PHASE)
+    assert {total for _, total in progress_hook} == {6 * PHASE}
+    values = [v for v, _ in progress_hook]
+    assert values == sorted(values)
+    assert 5 * PHASE in values  # the patches are done before the report
+    assert {3 * PHASE + PHASE * k // 4 for k in (1, 2, 3)} <= set(values)  # the UCE step, then each epoch
+
+
+def test_derive_progress_bar_fills_once_over_every_phase(pack, slim_sd15, progress_hook):
+    model, clip, _ = slim_sd15
+    erased, _ = rece_node(pack, model, clip)
+    progress_hook.clear()
+    derive_node(pack, erased, clip)
+    assert progress_hook[-1] == (6 * PHASE, 6 * PHASE)
     assert [v for v, _ in progress_hook] == sorted(v for v, _ in progress_hook)
 
 
-def test_cancel_during_the_epochs_stops_with_nothing_applied(pack, slim_sd15, model_fingerprint, progress_hook):
+@pytest.mark.parametrize("phase, cancel_at", [
+    ("after the text encoding", PHASE),
+    ("after G", 3 * PHASE),
+    ("after the UCE step, before the epochs", 3 * PHASE + PHASE // 4),
+    ("after the patches, before the report", 5 * PHASE),
+])
+def test_cancel_stops_the_erase_with_nothing_applied(pack, slim_sd15, model_fingerprint, phase, cancel_at):
     import comfy.model_management as mm
+    import comfy.utils
 
     model, clip, _ = slim_sd15
     before = model_fingerprint(model)
-    progress_hook.clear()
     calls = []
 
     def press_cancel(value, total, preview, node_id=None):
         calls.append(value)
-        mm.interrupt_current_processing(True)  # the user presses cancel after the UCE step
+        if value >= cancel_at:
+            mm.interrupt_current_processing(True)  # the user presses cancel here
 
-    import comfy.utils
-
+    previous = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(press_cancel)
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            rece_node(pack, model, clip, epochs=3)
+            rece_node(pack, model, clip, concepts="a cancelled concept", epochs=3)
     finally:
         mm.interrupt_current_processing(False)
-    assert calls == [1]
+        comfy.utils.set_progress_bar_global_hook(previous)
+    # It stopped at the first check after the press, before the bar moved again.
+    assert calls[-1] >= cancel_at and all(v < cancel_at for v in calls[:-1])
     assert model_fingerprint(model) == before
 
 
@@ -334,6 +359,8 @@ REFUSALS = {
     "NaN weights": (lambda glue, m, c: (nan_model(glue, m), c, {}), "NaN or infinite"),
     "NaN embedding": (lambda glue, m, c: (m, WidenedClip(c, nan=True), {}), "NaN or infinite"),
     "lamb zero": (lambda glue, m, c: (m, c, {"preset": "custom", "lamb": 0.0}), "lamb must be > 0"),
+    # An API prompt can send NaN; ComfyUI's min/max check lets it through.
+    "NaN strength": (lambda glue, m, c: (m, c, {"strength": float("nan")}), "strength must be a finite number"),
     "guide is a concept": (lambda glue, m, c: (m, c, {"concepts": "nudity", "guide": "Nudity"}), "guide 'Nudity' is also a concept"),
     "erased and preserved": (lambda glue, m, c: (m, c, {"concepts": "nudity\nblood", "preserve": "blood"}),
                              "'blood' is both erased and preserved"),

@@ -340,6 +340,20 @@ def test_published_loader_refuses_files_it_cannot_use(pack, glue, slim_sd15, fol
     assert not (folders / "ran-code-from-a-file").exists()
 
 
+def test_loaders_refuse_a_strength_that_is_not_a_finite_number(pack, glue, slim_sd15, folders, model_fingerprint):
+    model, clip, _ = slim_sd15
+    before = model_fingerprint(model)
+    erased, _ = uce_node(pack, model, clip)
+    name = saved_name(save_erasure(pack, erased, "strength"))
+    uce_style_file(model, glue.weights.effective_kv_weights(erased), folders / "rece_erasures" / "uce.safetensors")
+    for strength in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="strength must be a finite number"):
+            load_erasure(pack, model, name, strength)
+        with pytest.raises(ValueError, match="strength must be a finite number"):
+            node(pack, "RECELoadPublishedErasure").load(model, "uce.safetensors", strength)
+    assert model_fingerprint(model) == before
+
+
 def test_published_weights_from_another_base_model_are_flagged(pack, glue, slim_sd15, folders):
     model, _, _ = slim_sd15
     (folders / "rece_erasures").mkdir()
