@@ -399,6 +399,28 @@ def test_gram_sums_every_matrix_and_checks_widths():
         gram([torch.zeros(4, 12), torch.zeros(4, 10)])
 
 
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("pair", [False, True], ids=["gram", "cross_gram"])
+def test_gram_progress_reaches_every_matrix_and_a_raising_callback_stops_it(pair):
+    from rece_ops.closed_form import cross_gram
+
+    weights = [w.float() for w in random_weights((5, 9, 7), 12, torch.Generator().manual_seed(16)).values()]
+    others = [w * 2 for w in weights] if pair else weights
+    calls = []
+    total = cross_gram(weights, others, callback=lambda done, n: calls.append((done, n)))
+    assert relative_error(total, sum(a.double().T @ b.double() for a, b in zip(weights, others))) <= 1e-6
+    assert calls[-1] == (3, 3) and calls == sorted(calls)
+
+    def cancel(done, n):
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        gram(weights, callback=cancel) if not pair else cross_gram(weights, others, callback=cancel)
+
+
 def test_cross_gram_and_output_miss_match_the_per_layer_sums():
     from rece_ops import metrics
     from rece_ops.closed_form import adversarial_from_grams, cross_gram
