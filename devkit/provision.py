@@ -124,9 +124,22 @@ def ensure_comfyui(target: Path) -> None:
 
 
 def comfyui_version(comfy: Path) -> str:
+    """The checkout's version; older checkouts have no comfyui_version.py."""
+    version_file = comfy / "comfyui_version.py"
+    if not version_file.exists():
+        return "unknown"
     scope: dict = {}
-    exec((comfy / "comfyui_version.py").read_text(), scope)
+    exec(version_file.read_text(), scope)
     return scope.get("__version__", "unknown")
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename: an interrupted run leaves
+    the old file or the new one, never half of it."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                     delete=False) as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
 
 
 def ensure_torchvision() -> None:
@@ -138,10 +151,10 @@ def ensure_torchvision() -> None:
     stub_init.parent.mkdir(parents=True, exist_ok=True)
     if not stub_init.exists() or stub_init.read_text() != TORCHVISION_STUB:
         log("writing the torchvision import-only stand-in")
-        stub_init.write_text(TORCHVISION_STUB)
+        write_text_atomically(stub_init, TORCHVISION_STUB)
     pth = Path(sysconfig.get_paths()["purelib"]) / "rece_host_stubs.pth"
     if not pth.exists() or pth.read_text().strip() != str(paths.STUBS_DIR):
-        pth.write_text(str(paths.STUBS_DIR) + "\n")
+        write_text_atomically(pth, str(paths.STUBS_DIR) + "\n")
     # Python reads .pth files at start-up only; this process imports ComfyUI
     # next (the checkpoint builder), so it needs the stand-in now as well.
     if str(paths.STUBS_DIR) not in sys.path:
@@ -156,6 +169,7 @@ def ensure_pack_link(comfy: Path) -> None:
     if link.exists() or link.is_symlink():
         if not link.is_symlink():
             raise SystemExit(f"{link} exists and is not a link to this pack; move it away and run again")
+        log(f"{link} linked another copy of the pack ({os.readlink(link)}); it now links this one")
         link.unlink()
     link.symlink_to(paths.REPO_ROOT, target_is_directory=True)
     log(f"linked the pack into {link}")
@@ -170,7 +184,7 @@ def ensure_extra_paths() -> None:
         "    checkpoints: checkpoints\n"
     )
     if not paths.EXTRA_PATHS_FILE.exists() or paths.EXTRA_PATHS_FILE.read_text() != text:
-        paths.EXTRA_PATHS_FILE.write_text(text)
+        write_text_atomically(paths.EXTRA_PATHS_FILE, text)
 
 
 def ensure_checkpoints() -> None:

@@ -155,6 +155,10 @@ class RECELoadErasure:
                                    "tooltip": "How much of the erasure to apply: 1 = as saved, 0 = none."}),
         }}
 
+    @classmethod
+    def IS_CHANGED(cls, erasure: str = "", **_) -> str:
+        return folders.file_version(folders.ERASURES, erasure)
+
     def load(self, model, erasure, strength):
         with torch.inference_mode():
             return load_erasure(model, erasure, strength)

@@ -46,6 +46,17 @@ def full_path(folder: str, name: str) -> Path:
     return Path(path)
 
 
+def file_version(folder: str, name: str) -> str:
+    """What identifies the file's content for ComfyUI's cache (``IS_CHANGED``):
+    its size and modification time, so a file replaced under the same name
+    is read again instead of its cached result being reused."""
+    path = folder_paths.get_full_path(folder, name) if name else None
+    if path is None:
+        return ""  # validation reports the missing file
+    stat = os.stat(path)
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def save_new(folder: str, prefix: str, write: Callable[[Path], object]) -> Path:
     """Call ``write(path)`` with the next free ``<prefix>_NNNNN_.safetensors``
     in the first ``folder`` path; retried with the next number if another

@@ -113,6 +113,10 @@ class RECELoadPublishedErasure:
                                    "tooltip": "1 = the published weights; between 0 and 1 blends toward this model's."}),
         }}
 
+    @classmethod
+    def IS_CHANGED(cls, file: str = "", **_) -> str:
+        return folders.file_version(folders.ERASURES, file)
+
     def load(self, model, file, strength):
         with torch.inference_mode():
             return load_published(model, file, strength)

@@ -12,9 +12,11 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 python="${PYTHON:-python3}"
 
-if [ ! -x .venv/bin/python ]; then
+# A .venv without a working pip (an interrupted first run, or no python3-venv
+# then) is made again rather than skipped.
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
     echo "[setup] creating .venv"
-    "$python" -m venv .venv
+    "$python" -m venv --clear .venv
 fi
 # Reinstall only when the pinned list changed.
 want="$(sha256sum scripts/requirements-host.txt | cut -d' ' -f1)"
@@ -25,8 +27,12 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 
-# The browser test drives the system Chromium (Playwright never downloads one here).
-if ! command -v chromium >/dev/null 2>&1; then
+# The browser test drives the system Chromium (Playwright never downloads one here);
+# found as the test finds it (CHROMIUM, chromium or chromium-browser).
+have_chromium() {
+    .venv/bin/python -c 'import sys; from devkit.browser import chromium_path; sys.exit(chromium_path() is None)'
+}
+if ! have_chromium; then
     as_root=()
     [ "$(id -u)" -eq 0 ] || as_root=(sudo -n)
     apt_log="$(mktemp)"
@@ -38,7 +44,7 @@ if ! command -v chromium >/dev/null 2>&1; then
                  && "${as_root[@]}" apt-get install -y -qq chromium >>"$apt_log" 2>&1; } || tail -20 "$apt_log" >&2
     fi
     rm -f "$apt_log"
-    if ! command -v chromium >/dev/null 2>&1; then
+    if ! have_chromium; then
         case "${CI:-}" in
             1|true|TRUE|True|yes)
                 echo "[setup] could not install chromium, which CI's browser test needs (apt-get install chromium)" >&2

@@ -5,8 +5,12 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
-from devkit import host, paths
+from devkit import host, paths, provision as provisioning
+
+# The host set-up makes when COMFYUI_PATH is not set (the tests may run with it set).
+DEFAULT_HOST = paths.HOST_DIR / "ComfyUI"
 
 
 def provision(env: dict) -> subprocess.CompletedProcess:
@@ -18,11 +22,15 @@ def provision(env: dict) -> subprocess.CompletedProcess:
 
 def copy_of_host(tmp_path):
     """A ComfyUI checkout elsewhere: the provisioned one, without this pack linked."""
-    target = tmp_path / "OtherComfyUI"
-    shutil.copytree(
-        host.require_host(), target, symlinks=True,
-        ignore=shutil.ignore_patterns(paths.PACK_LINK_NAME, "__pycache__", "output", "temp", "user"),
-    )
+    source, target = host.require_host(), tmp_path / "OtherComfyUI"
+    anywhere = shutil.ignore_patterns(paths.PACK_LINK_NAME, "__pycache__", ".git")
+
+    def ignore(folder, names):
+        # Top-level data folders: a user's own checkout (COMFYUI_PATH) can hold gigabytes of models.
+        top = {"output", "temp", "user", "models"} if Path(folder) == source else set()
+        return anywhere(folder, names) | (top & set(names))
+
+    shutil.copytree(source, target, symlinks=True, ignore=ignore)
     return target
 
 
@@ -30,13 +38,13 @@ def test_provisioning_twice_changes_nothing_the_second_time():
     env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
     first = provision(env)
     assert first.returncode == 0, first.stderr
-    link = paths.comfyui_dir() / "custom_nodes" / paths.PACK_LINK_NAME
+    link = DEFAULT_HOST / "custom_nodes" / paths.PACK_LINK_NAME
     stamp = link.lstat().st_mtime_ns
     second = provision(env)
     assert second.returncode == 0, second.stderr
     # A second run reports the host and does nothing else.
     assert [line for line in second.stdout.splitlines() if line.startswith("[setup]")] == [
-        f"[setup] ComfyUI 0.3.75 at {paths.comfyui_dir()}"
+        f"[setup] ComfyUI {provisioning.EXPECTED_VERSION} at {DEFAULT_HOST}"
     ]
     assert link.lstat().st_mtime_ns == stamp and link.resolve() == paths.REPO_ROOT
 
@@ -52,7 +60,7 @@ def test_comfyui_path_points_the_harness_at_another_checkout(tmp_path, monkeypat
     monkeypatch.setenv("COMFYUI_PATH", str(other))
     with host.server(tmp_path / "work") as running:
         stats = running.get("/system_stats")
-        assert stats["system"]["comfyui_version"] == "0.3.75"
+        assert stats["system"]["comfyui_version"] == provisioning.comfyui_version(other)
         # The server runs from the other checkout and loads the pack from there.
         assert str(other / "custom_nodes" / paths.PACK_LINK_NAME) in running.log()
 

@@ -354,6 +354,21 @@ def test_loaders_refuse_a_strength_that_is_not_a_finite_number(pack, glue, slim_
     assert model_fingerprint(model) == before
 
 
+def test_loaders_tell_comfyui_when_the_file_behind_a_name_changed(pack, glue, slim_sd15, folders):
+    # ComfyUI caches a node by its inputs; the file name alone would reuse a replaced file's result.
+    model, clip, _ = slim_sd15
+    erased, _ = uce_node(pack, model, clip)
+    name = saved_name(save_erasure(pack, erased, "versioned"))
+    path = folders / "rece_erasures" / name
+    for node_name, argument in (("RECELoadErasure", "erasure"), ("RECELoadPublishedErasure", "file")):
+        version = pack.NODE_CLASS_MAPPINGS[node_name].IS_CHANGED(**{argument: name, "strength": 1.0})
+        assert version and version == pack.NODE_CLASS_MAPPINGS[node_name].IS_CHANGED(**{argument: name})
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+        assert pack.NODE_CLASS_MAPPINGS[node_name].IS_CHANGED(**{argument: name}) != version
+        assert pack.NODE_CLASS_MAPPINGS[node_name].IS_CHANGED(**{argument: "gone.safetensors"}) == ""
+
+
 def test_published_weights_from_another_base_model_are_flagged(pack, glue, slim_sd15, folders):
     model, _, _ = slim_sd15
     (folders / "rece_erasures").mkdir()
