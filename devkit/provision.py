@@ -139,6 +139,7 @@ def write_text_atomically(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
                                      delete=False) as handle:
         handle.write(text)
+    os.chmod(handle.name, 0o644)  # as write_text would leave it, not the temp file's 0600
     os.replace(handle.name, path)
 
 
