@@ -12,17 +12,19 @@ web page opens), converts it to the API format, and runs it through
 concepts are erased by the "RECE Erase Concept" node, two KSamplers draw the
 same prompt with the same seed from the original and the erased model, and
 the two images are saved side by side (left original, right erased). A
-CheckpointSave node added to the graph saves the erased checkpoint.
+CheckpointSave node added to the graph saves the erased checkpoint into a
+hidden per-run folder; it gets its name only once completely written.
 
 Prints the node's report, where the image and the checkpoint are, and timings.
-Output goes to ``<repo>/output/`` (or --output-dir), counter-numbered by
-ComfyUI: running again never overwrites anything.
+Output goes to ``<repo>/output/`` (or --output-dir), counter-numbered as
+ComfyUI numbers its saves: running again never overwrites anything.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -216,6 +218,35 @@ def model_paths_yaml(workdir: Path, checkpoint: Path) -> tuple[Path, str]:
     return yaml_path, f"{LINK_SUBFOLDER}/{checkpoint.name}"
 
 
+def stage_checkpoint_save(graph: dict, prefix: str) -> str:
+    """Point the graph's CheckpointSave at a per-run hidden folder of the
+    output folder; returns that folder's name. ComfyUI's CheckpointSave writes
+    in place, so an interrupted save would leave a truncated checkpoint under
+    its final name: the file is published only once complete (``publish``)."""
+    staging = f".rece-partial-{os.getpid()}-{time.time_ns()}"
+    (save,) = workflows.api_nodes(graph, "CheckpointSave")
+    graph[save]["inputs"]["filename_prefix"] = f"{staging}/{prefix}"
+    return staging
+
+
+def publish(staged: Path, output_dir: Path, prefix: str) -> Path:
+    """Link a complete staged file to the next free ``<prefix>_NNNNN_.safetensors``
+    (ComfyUI's counter naming); never replaces a file."""
+    folder = output_dir / Path(prefix).parent
+    name = Path(prefix).name
+    folder.mkdir(parents=True, exist_ok=True)
+    pattern = re.compile(rf"{re.escape(name)}_(\d+)_\.")
+    taken = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.match(p.name))]
+    counter = max(taken, default=0) + 1
+    while True:
+        target = folder / f"{name}_{counter:05}_{staged.suffix}"
+        try:
+            os.link(staged, target)  # fails if the name exists: no check-then-write race
+            return target
+        except FileExistsError:
+            counter += 1
+
+
 def execution_error(entry: dict, graph: dict) -> tuple[str, str] | None:
     """(exception type, 'node title: message') of a failed prompt, from its history entry."""
     for kind, data in entry.get("status", {}).get("messages", []):
@@ -248,6 +279,7 @@ def run(args: argparse.Namespace, checkpoint: Path, concepts: list[str], started
     output_dir = (args.output_dir or DEFAULT_OUTPUT_DIR).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="rece-main-job-"))
+    staging: Path | None = None
     try:
         ckpt_name, extra_model_paths = paths.DEMO_NAME, None
         if not demo:
@@ -275,7 +307,8 @@ def run(args: argparse.Namespace, checkpoint: Path, concepts: list[str], started
             print(f"workflow        {WORKFLOW.relative_to(paths.REPO_ROOT)}: {chosen['size']}x{chosen['size']}, "
                   f"{chosen['steps']} steps, seed {chosen['seed']}, prompt {shorten(chosen['prompt'])!r}"
                   f"{' (CPU)' if on_cpu else ''}")
-            before = set(output_dir.rglob("*.safetensors"))
+            if "prefix" in chosen:
+                staging = output_dir / stage_checkpoint_save(graph, chosen["prefix"])
             t0 = time.perf_counter()
             try:
                 entry = server.run_prompt(graph, timeout=6 * 3600)
@@ -289,12 +322,16 @@ def run(args: argparse.Namespace, checkpoint: Path, concepts: list[str], started
                 print(f"error: {message}", file=sys.stderr)
                 # The nodes raise ValueError for bad input (e.g. a concept longer than 75 tokens).
                 return 2 if kind == "ValueError" else 1
-            return report(entry, graph, chosen, output_dir, before, t_start, t_run, started)
+            saved = [publish(staged, output_dir, chosen["prefix"])
+                     for staged in sorted(staging.rglob("*.safetensors"))] if staging is not None else []
+            return report(entry, graph, chosen, output_dir, saved, t_start, t_run, started)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
-def report(entry: dict, graph: dict, chosen: dict, output_dir: Path, before: set[Path],
+def report(entry: dict, graph: dict, chosen: dict, output_dir: Path, saved: list[Path],
            t_start: float, t_run: float, started: float) -> int:
     outputs = entry.get("outputs", {})
     (eraser,) = workflows.api_nodes(graph, "RECEEraseConcept")
@@ -308,11 +345,9 @@ def report(entry: dict, graph: dict, chosen: dict, output_dir: Path, before: set
             path = output_dir / image.get("subfolder", "") / image["filename"]
             print(f"comparison      {path} (left: original model, right: erased; same seed {chosen['seed']})")
     if "prefix" in chosen:
-        stem = Path(chosen["prefix"]).name
-        written = sorted(p for p in set(output_dir.rglob("*.safetensors")) - before if p.name.startswith(stem))
-        for path in written:
+        for path in saved:
             print(f"saved           {path} ({path.stat().st_size / 2**20:.0f} MiB)")
-        if not written:
+        if not saved:
             print(f"error: CheckpointSave reported success but no {chosen['prefix']}_*.safetensors appeared in {output_dir}",
                   file=sys.stderr)
             return 1

@@ -9,5 +9,11 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+# --help needs no set-up once the environment exists (set-up builds gigabytes of test checkpoints).
+for arg in "$@"; do
+    if { [ "$arg" = --help ] || [ "$arg" = -h ]; } && [ -x .venv/bin/python ]; then
+        exec .venv/bin/python scripts/erase_checkpoint.py --help
+    fi
+done
 bash scripts/setup.sh
 exec .venv/bin/python scripts/erase_checkpoint.py "$@"

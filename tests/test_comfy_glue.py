@@ -149,6 +149,9 @@ def test_main_job_erases_and_saves_a_checkpoint_comfyui_loads_back(tmp_path, com
     assert 0 < rank <= 306
     saved = sorted(tmp_path.rglob("*.safetensors"))
     assert len(saved) == 1, out
+    # Written in a per-run staging folder, published under ComfyUI's counter name once complete.
+    assert saved[0] == tmp_path / "checkpoints" / "rece_nudity_00001_.safetensors"
+    assert f"saved           {saved[0]}" in out and not list(tmp_path.glob(".rece-partial-*"))
 
     import folder_paths
 
@@ -199,3 +202,24 @@ def test_main_job_reports_bad_input_in_one_line_and_saves_nothing(tmp_path):
     assert "is also a concept" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.rglob("*.safetensors"))
+    assert not list(tmp_path.glob(".rece-partial-*"))  # the per-run staging folder is gone too
+
+
+def test_main_job_publishes_a_staged_checkpoint_under_the_next_free_number_and_keeps_every_file(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("erase_checkpoint", paths.REPO_ROOT / "scripts" / "erase_checkpoint.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    staged = tmp_path / ".rece-partial-1" / "checkpoints" / "rece_x_00001_.safetensors"
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(b"complete")
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "rece_x_00003_.safetensors").write_bytes(b"a user's file")
+    (folder / "rece_xy_00009_.safetensors").write_bytes(b"another prefix")
+    first = job.publish(staged, tmp_path, "checkpoints/rece_x")
+    second = job.publish(staged, tmp_path, "checkpoints/rece_x")
+    assert (first.name, second.name) == ("rece_x_00004_.safetensors", "rece_x_00005_.safetensors")
+    assert (folder / "rece_x_00003_.safetensors").read_bytes() == b"a user's file"
+    assert first.read_bytes() == second.read_bytes() == b"complete"
