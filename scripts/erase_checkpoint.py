@@ -245,6 +245,12 @@ def publish(staged: Path, output_dir: Path, prefix: str) -> Path:
             return target
         except FileExistsError:
             counter += 1
+        except OSError:  # a filesystem without hard links: check, then move
+            if target.exists():
+                counter += 1
+                continue
+            os.replace(staged, target)
+            return target
 
 
 def execution_error(entry: dict, graph: dict) -> tuple[str, str] | None:
