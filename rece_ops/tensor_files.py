@@ -102,14 +102,17 @@ def write_new_safetensors(
                   metadata=dict(metadata or {}))
         with open(temp, "rb") as written:
             os.fsync(written.fileno())
-        _publish(temp, path)
+        publish_new(temp, path)
     finally:
         if os.path.exists(temp):
             os.unlink(temp)
     return path
 
 
-def _publish(temp: str, path: Path) -> None:
+def publish_new(temp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Give the complete file ``temp`` the name ``path`` only if that name is
+    free (``FileExistsError`` otherwise): never replaces a file."""
+    path = Path(path)
     try:
         # A hard link creates the name only if it is free, in one step.
         os.link(temp, path)

@@ -230,27 +230,23 @@ def stage_checkpoint_save(graph: dict, prefix: str) -> str:
 
 
 def publish(staged: Path, output_dir: Path, prefix: str) -> Path:
-    """Link a complete staged file to the next free ``<prefix>_NNNNN_.safetensors``
-    (ComfyUI's counter naming); never replaces a file."""
-    folder = output_dir / Path(prefix).parent
-    name = Path(prefix).name
-    folder.mkdir(parents=True, exist_ok=True)
-    pattern = re.compile(rf"{re.escape(name)}_(\d+)_\.")
-    taken = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.match(p.name))]
-    counter = max(taken, default=0) + 1
-    while True:
-        target = folder / f"{name}_{counter:05}_{staged.suffix}"
+    """Give a complete staged file the next free name ComfyUI's own save would
+    (``<prefix>_NNNNN_.safetensors``, through its ``get_save_image_path``);
+    never replaces a file."""
+    host.prepare_comfy_imports()
+    import folder_paths
+
+    from rece_ops.tensor_files import publish_new
+
+    for _ in range(100):
+        folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, str(output_dir))
+        target = Path(folder) / f"{name}_{counter:05}_{staged.suffix}"
         try:
-            os.link(staged, target)  # fails if the name exists: no check-then-write race
-            return target
+            publish_new(staged, target)
         except FileExistsError:
-            counter += 1
-        except OSError:  # a filesystem without hard links: check, then move
-            if target.exists():
-                counter += 1
-                continue
-            os.replace(staged, target)
-            return target
+            continue  # another writer took the name since it was counted
+        return target
+    raise RuntimeError(f"could not find a free file name for {prefix!r} in {output_dir}")
 
 
 def execution_error(entry: dict, graph: dict) -> tuple[str, str] | None:
