@@ -72,15 +72,14 @@ def encode_texts(clip, texts: Iterable[str], callback: StepCallback | None = Non
     unique = list(dict.fromkeys(texts))
     tokens = {text: clip.tokenize(text) for text in unique}
     words = {text: chunk_word_counts(tokens[text], text) for text in unique}
-    batches: list[list[str]] = [[]]
+    batches: list[list[str]] = []
     for text in unique:
-        if batches[-1] and sum(len(words[t]) for t in batches[-1]) >= BATCH_CHUNKS:
+        if not batches or sum(len(words[t]) for t in batches[-1]) >= BATCH_CHUNKS:
             batches.append([])
         batches[-1].append(text)
     encoded: dict[str, EncodedText] = {}
     for done, batch in enumerate(batches, 1):
-        if batch:
-            encoded.update(_encode_batch(clip, batch, tokens, words))
+        encoded.update(_encode_batch(clip, batch, tokens, words))
         if callback:
             callback(done, len(batches))
     return [encoded[text] for text in texts]
