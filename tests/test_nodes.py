@@ -245,13 +245,16 @@ def test_progress_bar_fills_once_over_every_phase_to_the_end(pack, slim_sd15, pr
     assert {3 * PHASE + PHASE * k // 4 for k in (1, 2, 3)} <= set(values)  # the UCE step, then each epoch
 
 
-def test_derive_progress_bar_fills_once_over_every_phase(pack, slim_sd15, progress_hook):
+def test_derive_progress_bar_fills_once_over_every_phase_and_leaves_its_models_unchanged(
+        pack, slim_sd15, progress_hook, model_fingerprint):
     model, clip, _ = slim_sd15
     erased, _ = rece_node(pack, model, clip)
+    before = model_fingerprint(model), model_fingerprint(erased)
     progress_hook.clear()
     derive_node(pack, erased, clip)
     assert progress_hook[-1] == (6 * PHASE, 6 * PHASE)
     assert [v for v, _ in progress_hook] == sorted(v for v, _ in progress_hook)
+    assert (model_fingerprint(model), model_fingerprint(erased)) == before
 
 
 @pytest.mark.parametrize("phase, cancel_at", [
