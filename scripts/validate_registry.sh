@@ -139,7 +139,11 @@ if not c.publisher_id:
 if not c.display_name:
     problem("[tool.comfy] DisplayName is not set")
 
-tracked = set(subprocess.run(["git", "ls-files"], capture_output=True, text=True, check=True).stdout.splitlines())
+listing = subprocess.run(["git", "ls-files"], capture_output=True, text=True)
+if listing.returncode != 0:
+    sys.exit("not a git checkout (or git refused it): comfy-cli publishes the git-tracked files, so run this in one\n"
+             + listing.stderr.strip())
+tracked = set(listing.stdout.splitlines())
 icon = c.icon
 if not icon.startswith("https://"):
     problem(f"[tool.comfy] Icon {icon!r} is not a https URL")
