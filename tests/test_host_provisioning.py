@@ -9,8 +9,10 @@ from pathlib import Path
 
 from devkit import host, paths, provision as provisioning
 
-# The host set-up makes when COMFYUI_PATH is not set (the tests may run with it set).
-DEFAULT_HOST = paths.HOST_DIR / "ComfyUI"
+# The host set-up makes when COMFYUI_PATH is not set (the tests may run with it
+# set), for the host the suite runs on (RECE_HOST: 0.3.75 or 0.33).
+HOST = paths.host_spec()
+DEFAULT_HOST = HOST.comfy_dir
 
 
 def provision(env: dict) -> subprocess.CompletedProcess:
@@ -44,7 +46,7 @@ def test_provisioning_twice_changes_nothing_the_second_time():
     assert second.returncode == 0, second.stderr
     # A second run reports the host and does nothing else.
     assert [line for line in second.stdout.splitlines() if line.startswith("[setup]")] == [
-        f"[setup] ComfyUI {provisioning.EXPECTED_VERSION} at {DEFAULT_HOST}"
+        f"[setup] ComfyUI {HOST.version} at {DEFAULT_HOST}"
     ]
     assert link.lstat().st_mtime_ns == stamp and link.resolve() == paths.REPO_ROOT
 
@@ -70,3 +72,21 @@ def test_comfyui_path_that_is_not_comfyui_is_refused(tmp_path):
     result = provision(env)
     assert result.returncode != 0
     assert "is not a ComfyUI checkout" in result.stderr
+
+
+def test_each_host_has_its_own_environment_and_stand_ins():
+    """The two hosts' pins clash (their web-page packages), so each has a venv;
+    this suite runs in its host's one, with the stand-ins that host needs."""
+    assert Path(sys.prefix).resolve() == HOST.venv.resolve()
+    assert provisioning.comfyui_version(DEFAULT_HOST) == HOST.version
+    for package in HOST.stand_ins:
+        module = __import__(package)
+        real = "stub" not in getattr(module, "__version__", "stub")
+        assert real or Path(module.__file__).parent.parent == provisioning.stand_ins_dir(), module.__file__
+    assert len({spec.venv for spec in paths.HOSTS.values()}) == len(paths.HOSTS)
+
+
+def test_version_is_read_without_running_the_file(tmp_path):
+    (tmp_path / "comfyui_version.py").write_text('raise SystemExit("ran")\n__version__ = "9.8.7"\n')
+    assert provisioning.comfyui_version(tmp_path) == "9.8.7"
+    assert provisioning.comfyui_version(tmp_path / "nowhere") == "unknown"
