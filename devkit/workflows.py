@@ -146,14 +146,46 @@ def _read_widgets(node: Mapping, info: Mapping) -> tuple[dict[str, Any], int]:
     return out, position
 
 
+def _fits(kind: Any, value: Any) -> bool:
+    """Whether a saved value can belong to a widget of this kind."""
+    if isinstance(kind, list) or kind in ("STRING", "COMBO"):
+        return isinstance(value, str)  # a combo's file names differ between machines
+    if kind == "BOOLEAN":
+        return isinstance(value, bool)
+    if kind == "INT":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "FLOAT":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return True
+
+
+def _newer_widgets(info: Mapping, read: Mapping[str, Any]) -> dict[str, Any]:
+    """``{name: default}`` of the widgets after the last saved value, when each
+    has a default: widgets this host added since the file was saved (0.33's
+    ``bypass`` on LoraModelLoader). Both web pages (frontends 1.32 and 1.48)
+    open such a file with those widgets at their defaults. Only where every
+    saved value fits its widget: values shifted by a lost one are no older file."""
+    names = widget_names(info)
+    specs = _input_specs(info)
+    if list(read) != names[:len(read)] or not all(_fits(specs[n][0], v) for n, v in read.items()):
+        return {}
+    later = names[len(read):]
+    if not all("default" in specs[name][1] for name in later):
+        return {}
+    return {name: specs[name][1]["default"] for name in later}
+
+
 def widget_values(node: Mapping, info: Mapping) -> dict[str, Any]:
     """``{input name: value}`` of a UI node's widgets, read by the server's input order.
 
     Handles the extra "control after generate" value the page stores after a
     seed (``[seed, "fixed", steps, ...]``), the upload button's value after an
     upload combo (``["photo.png", "image"]``), and dict-shaped ``widgets_values``.
+    Widgets after the last saved value take their defaults, as the page does
+    when it opens a file saved before this host added them.
     """
-    return _read_widgets(node, info)[0]
+    read = _read_widgets(node, info)[0]
+    return {**read, **_newer_widgets(info, read)}
 
 
 def _source_of(workflow_nodes: Mapping, links: Mapping, link_id: int | None, seen: frozenset = frozenset()):
@@ -345,7 +377,10 @@ def widget_count_errors(workflow: Mapping, object_info: Mapping) -> list[str]:
     """Nodes whose ``widgets_values`` do not line up with their widgets.
 
     Too few or too many values mean they would be read into the wrong inputs
-    (e.g. a seed stored without its "control after generate" value).
+    (e.g. a seed stored without its "control after generate" value). Fewer
+    values are fine only where every missing widget comes last and has a
+    default: a file saved before the host added them, which the page opens
+    with those defaults (see ``widget_values``).
     """
     errors = []
     for node in workflow["nodes"]:
@@ -354,6 +389,7 @@ def widget_count_errors(workflow: Mapping, object_info: Mapping) -> list[str]:
             continue
         names = widget_names(object_info[node["type"]])
         read, consumed = _read_widgets(node, object_info[node["type"]])
+        read = {**read, **_newer_widgets(object_info[node["type"]], read)}
         if consumed != len(values) or len(read) != len(names):
             errors.append(f"node {node['id']} ({node['type']}): {len(values)} widget values {values!r} "
                           f"do not line up with its widgets {names}")

@@ -565,3 +565,30 @@ def test_example_files_are_ui_workflows_with_readable_layout():
         assert workflows.structure_errors(workflow) == [], name
         assert workflows.overlapping_nodes(workflow) == [], name
     assert sorted(p.stem for p in EXAMPLES.glob("*.json")) == sorted(EXAMPLE_NAMES)
+
+
+def test_a_file_saved_before_the_host_added_a_widget_opens_with_its_default():
+    """As both web pages do (0.33 added LoraModelLoader's 'bypass' after 0.3.75)."""
+    info = {"input": {"required": {"model": ["MODEL", {}], "strength_model": ["FLOAT", {"default": 1.0}],
+                                   "bypass": ["BOOLEAN", {"default": False}]}},
+            "input_order": {"required": ["model", "strength_model", "bypass"]}, "output": ["MODEL"]}
+    older = {"nodes": [ui_node(1, "LoraModelLoader", widgets=[0.75])], "links": []}
+    assert workflows.widget_values(older["nodes"][0], info) == {"strength_model": 0.75, "bypass": False}
+    assert workflows.widget_count_errors(older, {"LoraModelLoader": info}) == []
+    # A value shifted into the wrong widget is no older file: still reported.
+    shifted = {"nodes": [ui_node(1, "LoraModelLoader", widgets=[True])], "links": []}
+    assert workflows.widget_count_errors(shifted, {"LoraModelLoader": info})
+    # Nor is a missing widget without a default.
+    del info["input"]["required"]["bypass"][1]["default"]
+    assert workflows.widget_count_errors(older, {"LoraModelLoader": info})
+
+
+def test_a_seed_saved_without_its_control_value_is_reported_even_where_later_widgets_have_defaults():
+    info = {"input": {"required": {
+        "seed": ["INT", {"control_after_generate": True, "default": 0}], "steps": ["INT", {"default": 20}],
+        "cfg": ["FLOAT", {"default": 8.0}], "sampler_name": [["euler"], {"default": "euler"}],
+        "scheduler": [["normal"], {"default": "normal"}], "denoise": ["FLOAT", {"default": 1.0}]}},
+        "input_order": {"required": ["seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"]}, "output": ["LATENT"]}
+    workflow = {"nodes": [ui_node(1, "KSampler", widgets=[42, 20, 7.5, "euler", "normal", 1.0])], "links": []}
+    (problem,) = workflows.widget_count_errors(workflow, {"KSampler": info})
+    assert "KSampler" in problem
