@@ -10,6 +10,17 @@
 //
 // The numbers come from the server (GET /rece/presets, built from
 // rece_ops.PRESETS): the page never keeps its own copy.
+//
+// The dropdown shows the choices in the page's language (setting Comfy.Locale)
+// when the pack has labels for it (locales/<lang>/main.json,
+// receConceptErasure.presetChoices.<choice>.label, read from GET /i18n), and
+// the plain choice names otherwise. Only what is drawn changes: the widget's
+// value, saved in workflows and sent to the server, stays the choice name
+// ("nudity"). The frontend draws a combo's value and menu entries through
+// widget.options.getOptionLabel(value); it is there only while the page's
+// language has labels, so English keeps the frontend's usual menu (with its
+// filter box). ComfyUI reloads the workflow when the language changes, and
+// the labels follow it at once.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -18,6 +29,7 @@ const NUMBERS = ["lamb", "erase_scale", "preserve_scale", "reg_scale", "epochs"]
 const CUSTOM = "custom";
 
 let presets = null; // name -> {lamb, erase_scale, preserve_scale, reg_scale, epochs, description}
+let presetLabels = {}; // locale -> {choice -> label}, from GET /i18n (the pack's locales/*/main.json)
 
 function widget(node, name) {
   return node.widgets?.find((w) => w.name === name);
@@ -59,6 +71,76 @@ function numberEdited(node) {
   }
 }
 
+// The page's language, as ComfyUI's own translations use it (e.g. "ja", "zh", "en").
+function pageLocale() {
+  try {
+    return app.extensionManager?.setting?.get?.("Comfy.Locale") ?? app.ui?.settings?.getSettingValue?.("Comfy.Locale");
+  } catch {
+    return undefined;
+  }
+}
+
+// The labels of the page's language, or null when the pack has none for it.
+// An exact match, as the frontend's te()/st() look up a custom node's
+// translations (zh-TW does not borrow zh's).
+function currentLabels() {
+  const labels = presetLabels[pageLocale()];
+  return labels && Object.keys(labels).length ? labels : null;
+}
+
+function presetLabel(value) {
+  if (value == null) return "";
+  return currentLabels()?.[value] || String(value);
+}
+
+// GET /i18n: {locale: {receConceptErasure: {presetChoices: {choice: {label}}}, ...}}.
+function readLabels(messages) {
+  const labels = {};
+  for (const [locale, message] of Object.entries(messages ?? {})) {
+    const choices = message?.receConceptErasure?.presetChoices;
+    if (!choices || typeof choices !== "object") continue;
+    labels[locale] = {};
+    for (const [choice, entry] of Object.entries(choices)) {
+      if (typeof entry?.label === "string" && entry.label) labels[locale][choice] = entry.label;
+    }
+  }
+  return labels;
+}
+
+// What the frontend reads as the preset widget's options.getOptionLabel: the
+// label function while the page's language has labels, else nothing (the
+// frontend then shows the raw choices, as without this extension).
+function labelGetter() {
+  return currentLabels() ? presetLabel : undefined;
+}
+
+// The preset dropdown draws its value and menu entries in the page's language.
+// A getter, so a language change needs no new widget; whatever assigns its own
+// getOptionLabel later replaces it.
+function translateChoices(preset) {
+  const options = preset.options;
+  if (!options || Object.getOwnPropertyDescriptor(options, "getOptionLabel")?.get === labelGetter) return;
+  Object.defineProperty(options, "getOptionLabel", {
+    get: labelGetter,
+    set(value) {
+      Object.defineProperty(options, "getOptionLabel", { value, writable: true, enumerable: true, configurable: true });
+    },
+    enumerable: true,
+    configurable: true,
+  });
+}
+
+async function loadLabels() {
+  try {
+    const response = await api.fetchApi("/i18n");
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    presetLabels = readLabels(await response.json());
+  } catch (error) {
+    presetLabels = {};
+    console.warn("comfyui-rece: could not read the translations; the preset dropdown shows its choices in English", error);
+  }
+}
+
 function after(object, method, extra) {
   const original = object[method];
   object[method] = function (...args) {
@@ -72,6 +154,7 @@ app.registerExtension({
   name: "comfyui-rece.presets",
 
   async init() {
+    const labels = loadLabels();
     try {
       const response = await api.fetchApi("/rece/presets");
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
@@ -79,6 +162,7 @@ app.registerExtension({
     } catch (error) {
       console.warn("comfyui-rece: could not read the presets; the preset dropdown will not fill the numbers", error);
     }
+    await labels;
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -88,6 +172,7 @@ app.registerExtension({
       const node = this;
       const preset = widget(node, "preset");
       if (!preset) return;
+      translateChoices(preset);
       after(preset, "callback", function () {
         fillNumbers(node, preset.value);
       });
