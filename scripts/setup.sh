@@ -61,4 +61,16 @@ if ! have_chromium; then
     fi
 fi
 
+# Japanese and Chinese fonts, so the browser test's screenshots of the
+# translated page show the text rather than empty boxes (the checks read the
+# page's text, not pixels: a failure here only warns).
+if command -v fc-list >/dev/null 2>&1 && [ -z "$(fc-list :lang=ja 2>/dev/null)" ] \
+        && command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || sudo -n true 2>/dev/null; }; then
+    as_root=()
+    [ "$(id -u)" -eq 0 ] || as_root=(sudo -n)
+    echo "[setup] installing Japanese and Chinese fonts for the browser test's screenshots"
+    DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq fonts-ipafont-gothic fonts-wqy-microhei \
+        >/dev/null 2>&1 || echo "[setup] could not install fonts-ipafont-gothic fonts-wqy-microhei: screenshots of Japanese text will show boxes"
+fi
+
 "$venv/bin/python" -m devkit.provision "${host_args[@]}"
