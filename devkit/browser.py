@@ -38,8 +38,8 @@ each version's own markup:
 - dialogs: Escape closes them, except where nothing in them has the focus
   (1.32's templates browser on a first visit): then their X button;
 - the page's language (set_language): the same settings dialog in both; 1.32
-  keeps a custom node pack's nodes in English whatever the language (see
-  tests/test_browser.py).
+  drops custom node packs' translations when it loads a language, which the
+  pack's web/rece_i18n.js merges again (see tests/test_browser.py).
 """
 from __future__ import annotations
 
@@ -169,7 +169,9 @@ class ComfyPage:
         self.base = base
         self.shots = shots  # where screenshot() writes
         self.errors: list[str] = []  # uncaught exceptions in the page
+        self.console: list[str] = []  # the page's console messages, as "<type>: <text>"
         page.on("pageerror", lambda error: self.errors.append(str(error)))
+        page.on("console", lambda message: self.console.append(f"{message.type}: {message.text}"))
 
     def screenshot(self, name: str) -> Path:
         """The whole page as ``<shots>/<name>``."""

@@ -20,9 +20,11 @@ folder is printed at the end):
     07_run.png           the run's output image on the Save Image node
     08_japanese.png      the page in Japanese (Settings > Language): RECE Erase Concept
                          by its Japanese name (locales/ja/nodeDefs.json) with its preset
-                         tooltip showing; frontend 1.32 keeps a pack's nodes in English
-                         (an upstream bug, see CUSTOM_NODE_LOCALES_DROPPED_BEFORE), which
-                         the test checks and prints as a NOTE
+                         tooltip showing, on both frontends (on 1.32 web/rece_i18n.js
+                         merges the strings the frontend drops, see
+                         CUSTOM_NODE_LOCALES_DROPPED_BEFORE)
+    09_preset_labels_ja.png  RECE Erase Concept's preset menu in Japanese (locales/ja/main.json labels)
+    10_preset_labels_en.png  the same menu back in English (raw choices, the frontend's filter box)
 
 Skipped, with the reason, only outside CI on a machine without Chromium or
 the playwright package; under CI (CI=true) that is a failure.
@@ -65,8 +67,12 @@ JA_NODE, JA_TOOLTIP_INPUT = "RECEEraseConcept", "preset"
 # Frontends before 1.33 (ComfyUI 0.3.75 pins 1.32.9) replace a locale's messages when they
 # load it lazily, which drops the custom nodes' translations merged at start-up: the page is in
 # Japanese but a pack's nodes keep their English names and tooltips (Comfy-Org/ComfyUI_frontend
-# issue #6748, fixed by pull request #7214, which merges them again after the load).
+# issue #6748, fixed by pull request #7214, which merges them again after the load). There the
+# pack's web/rece_i18n.js merges its own strings again and says so on the console; later
+# frontends keep them and it does nothing.
 CUSTOM_NODE_LOCALES_DROPPED_BEFORE = (1, 33)
+RESTORED_MESSAGE = "comfyui-rece: merged the pack's 'ja' translations again"
+I18N_WARNING = "comfyui-rece: could not read the translations"
 JAPANESE = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")  # kana or kanji
 
 
@@ -128,7 +134,8 @@ def test_the_pack_in_a_real_browser(tmp_path_factory):
             ("presets", lambda: preset_dropdowns(check, comfy, object_info)),
             ("library", lambda: node_library(check, comfy)),
             ("run", lambda: run_from_the_page(check, comfy, server)),
-            ("japanese", lambda: japanese(check, comfy, server, object_info, notes)),  # last: the page stays in Japanese
+            ("japanese", lambda: japanese(check, comfy, server, object_info, notes)),  # the page stays in Japanese
+            ("preset labels", lambda: preset_labels_in_japanese(check, comfy)),  # back in English at its end
         ]
         for name, step in steps:
             before = time.perf_counter()
@@ -354,11 +361,9 @@ def japanese(check: Checks, comfy: browser.ComfyPage, server: host.Server, objec
     """Switch the page to Japanese in the settings dialog (Settings > Language, reloading
     the page if the node names do not follow), add RECE Erase Concept from the node
     search by its Japanese name and check its title and preset tooltip on the canvas
-    against locales/ja/nodeDefs.json (the server's /i18n must serve them too).
-
-    On frontends before CUSTOM_NODE_LOCALES_DROPPED_BEFORE the page turns Japanese
-    but the pack's node keeps its English name and tooltip; exactly that is accepted
-    there, with a NOTE, and anything else fails."""
+    against locales/ja/nodeDefs.json (the server's /i18n must serve them too), on every
+    frontend. Before CUSTOM_NODE_LOCALES_DROPPED_BEFORE that is web/rece_i18n.js's doing,
+    which must say it merged the strings again there, and nowhere else."""
     if not check.that(JA_NODE_DEFS.is_file(), f"japanese: {JA_NODE_DEFS.relative_to(paths.REPO_ROOT)} is not there (yet)"):
         return
     entry = json.loads(JA_NODE_DEFS.read_text(encoding="utf-8")).get(JA_NODE, {})
@@ -367,12 +372,12 @@ def japanese(check: Checks, comfy: browser.ComfyPage, server: host.Server, objec
     if not check.that(name and tooltip, f"japanese: {JA_NODE_DEFS.name} has no {JA_NODE} display_name and "
                                         f"{JA_TOOLTIP_INPUT} tooltip: {entry}"):
         return
-    english_name = DISPLAY_NAMES[JA_NODE]
-    english_tooltip = object_info[JA_NODE]["input"]["required"][JA_TOOLTIP_INPUT][1]["tooltip"]
     served = server.get("/i18n").get("ja", {}).get("nodeDefs", {}).get(JA_NODE, {})
     check.that(served.get("display_name") == name
                and served.get("inputs", {}).get(JA_TOOLTIP_INPUT, {}).get("tooltip") == tooltip,
                f"japanese: the server's /i18n does not serve {JA_NODE_DEFS.name}'s strings for {JA_NODE}: {served}")
+    extensions = comfy.js("() => app.extensions?.map(e => e.name)") or []
+    check.that("comfyui-rece.i18n" in extensions, f"japanese: the pack's web/rece_i18n.js is not loaded: {extensions}")
 
     comfy.set_language(*JA_LANGUAGE)
     check.that(comfy.setting("Comfy.Locale") == JA_LANGUAGE[1],
@@ -393,13 +398,14 @@ def japanese(check: Checks, comfy: browser.ComfyPage, server: host.Server, objec
         first = search_japanese()
     labels = comfy.js("() => [...document.querySelectorAll('.side-bar-button')].map(b => b.innerText.trim())")
     check.that(any(JAPANESE.search(label) for label in labels), f"japanese: the sidebar is not in Japanese: {labels}")
+    how = "after a reload" if reloaded else "without a reload"
     found = first[:2] == [name, "RECE"]
-    if found:
-        comfy.add_first_result(at=(0.3, 0.4))
-    else:  # add it by its English name to see what the canvas shows
+    if not check.that(found, f"japanese: searching {name!r} ({how}) finds {first} first"):
         comfy.page.keyboard.press("Escape")
         comfy.settle(0.3)
-        comfy.add_node(english_name, at=(0.3, 0.4))
+        comfy.add_node(JA_NODE, at=(0.3, 0.4))  # the type name finds it in any language: see what the canvas shows
+    else:
+        comfy.add_first_result(at=(0.3, 0.4))
     ids = comfy.node_ids(JA_NODE)
     if not check.that(len(ids) == 1, f"japanese: no {JA_NODE} on the canvas: {[n['type'] for n in comfy.nodes()]}"):
         return
@@ -407,21 +413,127 @@ def japanese(check: Checks, comfy: browser.ComfyPage, server: host.Server, objec
     shown_tooltip = comfy.hover_tooltip(ids[0], JA_TOOLTIP_INPUT, keep=True).strip()
     comfy.screenshot("08_japanese.png")
     comfy.page.mouse.move(*comfy.canvas_point(0.98, 0.5))
-    how = "after a reload" if reloaded else "without a reload"
-    if found and node["title"] == name and shown_tooltip == tooltip:
-        notes.append(f"japanese: the node search finds {name!r} (category RECE), the canvas titles it so and its "
-                     f"{JA_TOOLTIP_INPUT} tooltip is the Japanese one, {how}")
-        return
-    frontend = comfy.frontend_version()
-    if (frontend < CUSTOM_NODE_LOCALES_DROPPED_BEFORE and node["title"] == english_name
-            and shown_tooltip == english_tooltip):
-        notes.append(f"japanese: frontend {'.'.join(map(str, frontend))} shows the page in Japanese but the pack's "
-                     f"nodes in English ({english_name!r}, English tooltips) although /i18n serves {name!r}: the "
-                     f"frontend drops custom nodes' translations when it loads a locale (Comfy-Org/ComfyUI_frontend "
-                     f"#6748, fixed by #7214); checked in full on frontend >= "
-                     f"{'.'.join(map(str, CUSTOM_NODE_LOCALES_DROPPED_BEFORE))}")
-        return
-    check.that(found, f"japanese: searching {name!r} ({how}) finds {first} first")
     check.that(node["title"] == name, f"japanese: the node on the canvas is titled {node['title']!r}, expected {name!r}")
     check.that(shown_tooltip == tooltip, f"japanese: the {JA_TOOLTIP_INPUT} tooltip in the page reads {shown_tooltip!r}, "
                                          f"expected {tooltip!r}")
+
+    frontend = comfy.frontend_version()
+    restored = [m for m in comfy.console if RESTORED_MESSAGE in m]
+    warned = [m for m in comfy.console if I18N_WARNING in m]
+    check.that(not warned, f"japanese: the page warns {warned}")
+    drops = frontend < CUSTOM_NODE_LOCALES_DROPPED_BEFORE
+    check.that(bool(restored) == drops,
+               f"japanese: frontend {'.'.join(map(str, frontend))} "
+               + (f"drops the pack's strings, but web/rece_i18n.js did not merge them again ({restored})" if drops
+                  else f"keeps the pack's strings, yet web/rece_i18n.js merged them again: {restored}"))
+    notes.append(f"japanese: the node search finds {name!r} (category RECE), the canvas titles it so and its "
+                 f"{JA_TOOLTIP_INPUT} tooltip is the Japanese one, {how}; web/rece_i18n.js "
+                 + ("merged the strings the frontend dropped (#6748)" if restored else "had nothing to do"))
+
+
+def preset_labels_in_japanese(check: Checks, comfy: browser.ComfyPage) -> None:
+    """In Japanese, RECE Erase Concept's preset dropdown shows locales/ja/main.json's
+    labels (receConceptErasure.presetChoices.<choice>.label) on the canvas and in its
+    menu, while the widget keeps the raw choice, which workflows save and the server
+    runs; back in English it shows the raw choices and the frontend's usual menu."""
+    main = json.loads((paths.REPO_ROOT / "locales" / "ja" / "main.json").read_text(encoding="utf-8"))
+    labels = {choice: entry.get("label") for choice, entry in
+              main.get("receConceptErasure", {}).get("presetChoices", {}).items()}
+    choices = [*PRESETS, "custom"]
+    if not check.that(sorted(labels) == sorted(choices) and all(labels.values()),
+                      f"preset labels: locales/ja/main.json labels {labels}, the choices are {choices}"):
+        return
+    # The strings the canvas draws (fillText) in one full redraw.
+    drawn_js = """async () => {
+      if (!window.__receDrawn) {
+        window.__receDrawn = [];
+        const fill = CanvasRenderingContext2D.prototype.fillText;
+        CanvasRenderingContext2D.prototype.fillText = function (text, ...rest) {
+          window.__receDrawn.push(String(text));
+          return fill.call(this, text, ...rest);
+        };
+      }
+      window.__receDrawn.length = 0;
+      app.canvas.draw(true, true);
+      await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+      return [...window.__receDrawn];
+    }"""
+    shown_js = "(id) => app.graph.getNodeById(id).widgets.find(w => w.name === 'preset')._displayValue"
+    menu = ".litecontextmenu .litemenu-entry"
+
+    def set_locale(locale: str) -> None:
+        # What the settings dialog's Language entry sets; devkit's set_language looks for
+        # the dialog's English texts, which a page in Japanese does not show.
+        comfy.js("(l) => app.extensionManager.setting.set('Comfy.Locale', l)", locale)
+        comfy.page.wait_for_function("(l) => app.extensionManager.setting.get('Comfy.Locale') === l", arg=locale,
+                                     timeout=15000)
+        comfy.settle(2.0)  # the page refreshes the node definitions and reloads the workflow
+
+    def open_menu(node_id: int) -> list[list[str]]:
+        """Click the preset widget: its menu entries as [text, value]."""
+        comfy.show_node(node_id, 1.0)
+        comfy.page.mouse.click(*comfy.reach_widget(node_id, "preset"))
+        comfy.page.locator(menu).first.wait_for(timeout=10000)
+        comfy.settle(0.3)
+        return comfy.js(f"() => [...document.querySelectorAll('{menu}')].map(e => [e.textContent, e.dataset.value])")
+
+    def pick(text: str) -> None:
+        entries = comfy.page.locator(menu)
+        exact = [i for i in range(entries.count()) if entries.nth(i).inner_text().strip() == text]
+        if check.that(exact, f"preset labels: no menu entry reads {text!r}"):
+            entries.nth(exact[0]).click()
+            comfy.settle(0.5)
+
+    if comfy.setting("Comfy.Locale") != "ja":
+        comfy.set_language("日本語", "ja")
+    comfy.command("Comfy.NewBlankWorkflow")
+    comfy.command("Comfy.Canvas.ResetView")
+    comfy.add_node("RECEEraseConcept", at=(0.3, 0.4))  # the type name finds it in any language
+    ids = comfy.node_ids("RECEEraseConcept")
+    if not check.that(len(ids) == 1, f"preset labels: no RECE Erase Concept added: {[n['type'] for n in comfy.nodes()]}"):
+        return
+    node_id = ids[0]
+    comfy.show_node(node_id, 1.0)
+    value = comfy.widgets(node_id)["preset"]
+    shown, drawn = comfy.js(shown_js, node_id), comfy.js(drawn_js)
+    check.that(shown == labels[value] and labels[value] in drawn,
+               f"preset labels: in Japanese the canvas shows {shown!r} for {value!r} (drew {drawn}), expected {labels[value]!r}")
+    entries = open_menu(node_id)
+    check.that(entries == [[labels[c], c] for c in choices],
+               f"preset labels: the Japanese menu lists {entries}, expected {[[labels[c], c] for c in choices]}")
+    comfy.screenshot("09_preset_labels_ja.png")
+    target = next(c for c in PRESETS if c != value)
+    pick(labels[target])
+    widgets = comfy.widgets(node_id)
+    shown_numbers, expected = numbers_of(widgets, "RECEEraseConcept"), preset_numbers(target, "RECEEraseConcept")
+    check.that(widgets["preset"] == target and close(shown_numbers, expected),
+               f"preset labels: choosing {labels[target]!r} gave preset {widgets['preset']!r}, numbers {shown_numbers}, "
+               f"expected {target!r}, {expected}")
+    shown, drawn = comfy.js(shown_js, node_id), comfy.js(drawn_js)
+    check.that(shown == labels[target] and labels[target] in drawn,
+               f"preset labels: after choosing {labels[target]!r} the canvas shows {shown!r}")
+    saved = comfy.js("(id) => app.graph.serialize().nodes.find(n => String(n.id) === String(id)).widgets_values", node_id)
+    queued = comfy.js("async (id) => (await app.graphToPrompt()).output[String(id)].inputs.preset", node_id)
+    check.that(target in saved and labels[target] not in saved and queued == target,
+               f"preset labels: the workflow saves {saved} and queues preset {queued!r}, expected the raw {target!r}")
+
+    set_locale("en")
+    ids = comfy.node_ids("RECEEraseConcept")
+    if not check.that(len(ids) == 1, f"preset labels: back in English the node is gone: {comfy.nodes()}"):
+        return
+    node_id = ids[0]
+    comfy.show_node(node_id, 1.0)
+    value = comfy.widgets(node_id)["preset"]
+    shown, drawn = comfy.js(shown_js, node_id), comfy.js(drawn_js)
+    check.that(value == target and shown == target and target in drawn and labels[target] not in drawn,
+               f"preset labels: back in English the widget holds {value!r} and the canvas shows {shown!r}, expected {target!r}")
+    entries = open_menu(node_id)
+    filter_box = comfy.page.locator(".comfy-context-menu-filter:visible").count()
+    check.that(entries == [[c, c] for c in choices] and filter_box == 1,
+               f"preset labels: the English menu lists {entries} ({filter_box} filter box), expected the raw choices")
+    comfy.screenshot("10_preset_labels_en.png")
+    pick("object_easy")
+    widgets = comfy.widgets(node_id)
+    check.that(widgets["preset"] == "object_easy"
+               and close(numbers_of(widgets, "RECEEraseConcept"), preset_numbers("object_easy", "RECEEraseConcept")),
+               f"preset labels: choosing object_easy in English gave {widgets}")
