@@ -18,6 +18,10 @@ OTHER_PROMPTS = [c for c in data.CAPTIONS if not c.endswith("circle")]
 
 # One worker runs the module, so its sampled images are made once (run_tests.sh: --dist loadgroup).
 pytestmark = pytest.mark.xdist_group("shapes_model")
+# The measured erasure (8 images per caption through three models, 10 minutes
+# on this CPU): the same math and the same ComfyUI sampler the second host's
+# other tests run, so its CI run leaves these out for time.
+MEASURED = pytest.mark.repeats_on_second_host
 
 
 def test_classifier_reads_held_out_synthetic_images():
@@ -119,12 +123,14 @@ def _row(results, method):
     return next(r for r in stats["erasures"] if r["method"] == method)
 
 
+@MEASURED
 def test_the_original_model_draws_what_it_is_asked(circle_results):
     original = circle_results["original"]
     assert original.accuracy(CIRCLE_PROMPTS + OTHER_PROMPTS) >= 0.8
     assert original.concept_rate("circle", CIRCLE_PROMPTS) >= 0.8
 
 
+@MEASURED
 def test_rece_erases_circles_and_keeps_most_other_captions(circle_results):
     rece = _row(circle_results, "RECE")
     assert rece["concept_after"] <= 0.15 and rece["concept_after"] <= rece["concept_before"] - 0.6, rece
@@ -133,14 +139,17 @@ def test_rece_erases_circles_and_keeps_most_other_captions(circle_results):
     assert rece["others_after"] >= rece["others_before"] - 0.25, rece
 
 
+@MEASURED
 def test_uce_erases_fewer_circles_than_rece(circle_results):
     assert _row(circle_results, "RECE")["concept_after"] <= _row(circle_results, "UCE")["concept_after"]
 
 
+@MEASURED
 def test_the_adversarial_embedding_brings_circles_back_from_uce(circle_results):
     assert _row(circle_results, "UCE")["adversarial"] >= 0.8
 
 
+@MEASURED
 def test_rece_resists_the_embeddings_that_defeat_uce(circle_results):
     uce, rece = _row(circle_results, "UCE"), _row(circle_results, "RECE")
     assert rece["uce_adversarial"] <= 0.25 and rece["uce_adversarial"] <= uce["adversarial"] - 0.5, (uce, rece)
