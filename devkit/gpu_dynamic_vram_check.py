@@ -47,8 +47,6 @@ if TYPE_CHECKING:  # torch is imported late: dynamic VRAM's allocator is set up 
 LEGS = ("cpu", "dynamic", "static")
 SEED = 7
 STRENGTH = 1.0
-U32 = 2.0 ** -24
-LAMBDA = 2.0  # probabilistic float32 error bound, as in tests/test_dynamic_vram.py
 # The erase node on the GPU encodes the text in fp16: its T - I differs from
 # the CPU's by that rounding (this one does not judge the patch).
 ERASE_NODE_VS_CPU = 5e-2
@@ -264,37 +262,18 @@ def _leg_main(leg: str, workdir: Path, steps: int) -> int:
 
 # --------------------------------------------------------------------------- the comparisons
 
-def _ulp(x, dtype):
-    import torch
-
-    if dtype == torch.float64:
-        return torch.zeros_like(x)
-    info = torch.finfo(dtype)
-    bits = round(-torch.log2(torch.tensor(info.eps)).item())
-    _, exponent = torch.frexp(x.abs().clamp(min=info.tiny))
-    return torch.ldexp(torch.ones_like(x), (exponent - 1 - bits).to(torch.int32))
-
-
-def _float32_bound(stored, factors, reference):
-    """Float32 evaluation error bound of ``W + s W (T - I)`` (see tests/test_dynamic_vram.py)."""
-    magnitude = stored.double().abs()
-    inner = 0.0
-    for factor in factors:
-        inner += LAMBDA * factor.shape[0] ** 0.5 * U32
-        magnitude = magnitude @ factor.double().abs()
-    return (inner + U32) * abs(STRENGTH) * magnitude + U32 * reference.abs()
-
-
 def _weight_line(name: str, got: dict, cpu: dict, bounds: dict) -> bool:
     """Worst over the K/V matrices of ``got`` against the CPU leg's float32 reading."""
     worst_abs = worst_rel = worst_ratio = 0.0
+    from devkit.rounding import ulp  # torch only once the leg's ComfyUI set-up is done
+
     dtype = None
     for key, ref in cpu.items():
         value = got[key].double()
         dtype = got[key].dtype
         ref = ref.double()
         err = (value - ref).abs()
-        allowed = 0.5 * _ulp(value.abs().maximum(ref.abs()), got[key].dtype) + 2 * bounds[key]
+        allowed = 0.5 * ulp(value.abs().maximum(ref.abs()), got[key].dtype) + 2 * bounds[key]
         worst_abs = max(worst_abs, float(err.max()))
         worst_rel = max(worst_rel, float(err.norm() / ref.norm()))
         worst_ratio = max(worst_ratio, float((err / allowed).max()))
@@ -327,11 +306,13 @@ def _load(workdir: Path, leg: str) -> tuple[dict, dict]:
 
 
 def _compare(workdir: Path, legs: list[str]) -> bool:
+    from devkit.rounding import float32_error_bound
+
     cpu, cpu_info = _load(workdir, "cpu")
     keys = cpu_info["keys"]
     factors = [cpu[f"factor.{i}"] for i in range(2) if f"factor.{i}" in cpu]
     cpu_read = {k: cpu[f"read.{k}"] for k in keys}
-    bounds = {k: _float32_bound(cpu[f"stored.{k}"], factors, cpu_read[k].double()) for k in keys}
+    bounds = {k: float32_error_bound(cpu[f"stored.{k}"], factors, STRENGTH, cpu_read[k].double()) for k in keys}
     ok = True
     print(f"\ncpu: ComfyUI {cpu_info['comfyui']}, torch {cpu_info['torch']}, {cpu_info['patcher']}, "
           f"{len(keys)} K/V matrices, checkpoint saved as {cpu_info['saved_dtype']}")

@@ -26,12 +26,11 @@ import torch
 import comfy.lora
 import comfy.model_patcher
 from devkit import host
+from devkit.rounding import float32_error_bound, ulp
 
 # The ComfyUI release that brought dynamic VRAM (LowVramPatch.prepare,
 # comfy.lora.calculate_shape) and adapter bypass mode; 0.3.75 has none of it.
 DYNAMIC_VRAM_RELEASE = (0, 33, 0)
-U32 = 2.0 ** -24  # float32 unit roundoff
-LAMBDA = 2.0  # of the probabilistic float32 error bound (float32_error_bound)
 
 
 def host_version() -> tuple[int, ...]:
@@ -100,30 +99,6 @@ def reference(weight: torch.Tensor, edit: torch.Tensor, strength: float) -> torc
     return w @ (torch.eye(edit.shape[0], dtype=torch.float64) + strength * edit)
 
 
-def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Spacing of ``dtype`` values at ``|x|`` (float64), subnormals included."""
-    info = torch.finfo(dtype)
-    mantissa_bits = round(-torch.log2(torch.tensor(info.eps)).item())
-    _, exponent = torch.frexp(x.abs().clamp(min=info.tiny))
-    return torch.ldexp(torch.ones_like(x), (exponent - 1 - mantissa_bits).to(torch.int32))
-
-
-def float32_error_bound(weight: torch.Tensor, patch, strength: float, result: torch.Tensor) -> torch.Tensor:
-    """Elementwise bound on the float32 evaluation error of ``W + s W (T - I)``
-    before the one rounding to the weight's dtype. Each product of inner length
-    n errs by at most ``LAMBDA * sqrt(n) * u`` times the sum of its terms'
-    magnitudes (the probabilistic bound of Higham and Mary, SIAM J. Sci.
-    Comput. 41(5), 2019; the worst case, ``n * u``, is too loose to tell
-    float32 from fp16 arithmetic here), then one rounding each for the
-    scaling and the sum. The float32 evaluation uses under a twentieth of it."""
-    magnitude = weight.double().abs()
-    inner = 0.0
-    for factor in patch.weights:
-        inner += LAMBDA * factor.shape[0] ** 0.5 * U32
-        magnitude = magnitude @ factor.double().abs()
-    return (inner + U32) * abs(strength) * magnitude + U32 * result.abs()
-
-
 def check_rounding_only(got: torch.Tensor, weight: torch.Tensor, patch, strength: float) -> float:
     """Assert ``got`` (dtype of ``weight``) is the reference up to its own rounding;
     returns the worst error in units of the allowed bound."""
@@ -131,7 +106,7 @@ def check_rounding_only(got: torch.Tensor, weight: torch.Tensor, patch, strength
     ref = reference(weight, edit64(patch), strength)
     err = (got.double() - ref).abs()
     allowed = 0.5 * ulp(torch.maximum(ref.abs(), got.double().abs()), got.dtype) + float32_error_bound(
-        weight, patch, strength, ref)
+        weight, patch.weights, strength, ref)
     worst = float((err / allowed).max())
     assert worst <= 1.0, f"{got.dtype}: error {float(err.max()):.3e} is {worst:.2f}x its rounding bound"
     return worst
