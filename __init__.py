@@ -6,6 +6,8 @@ from .nodes.erase_concept import RECEEraseConcept, UCEEraseConcept
 from .nodes.erasure_files import RECELoadErasure, RECESaveErasure
 from .nodes.lora_export import RECEExportErasureLoRA
 from .nodes.published_erasure import RECELoadPublishedErasure
+from .nodes.red_team.ring_a_bell_attack import RECERingABell
+from .nodes.red_team.unlearndiff_attack import RECEUnlearnDiffAttack
 from .nodes.web_api import register_routes
 
 folders.register()
@@ -20,6 +22,8 @@ NODE_CLASS_MAPPINGS = {
     "RECEExportErasureLoRA": RECEExportErasureLoRA,
     "RECELoadPublishedErasure": RECELoadPublishedErasure,
     "RECECompareKVWeights": RECECompareKVWeights,
+    "RECEUnlearnDiffAttack": RECEUnlearnDiffAttack,
+    "RECERingABell": RECERingABell,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "RECEEraseConcept": "RECE Erase Concept",
@@ -30,6 +34,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "RECEExportErasureLoRA": "Export Erasure as LoRA",
     "RECELoadPublishedErasure": "Load Published Erasure",
     "RECECompareKVWeights": "Compare Cross-Attention Weights",
+    "RECEUnlearnDiffAttack": "UnlearnDiff Attack",
+    "RECERingABell": "Ring-A-Bell Attack",
 }
 
 # The page-side extension: the preset dropdown fills the number widgets.

@@ -61,7 +61,7 @@ def _fingerprint(model) -> str:
     digest = hashlib.sha256()
     for key, value in sorted(stored_weights(model).items()):
         digest.update(key.encode())
-        digest.update(value.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     digest.update(repr(sorted((k, len(v)) for k, v in model.patches.items())).encode())
     return digest.hexdigest()
 

@@ -54,6 +54,8 @@ DISPLAY_NAMES = {
     "RECEExportErasureLoRA": "Export Erasure as LoRA",
     "RECELoadPublishedErasure": "Load Published Erasure",
     "RECECompareKVWeights": "Compare Cross-Attention Weights",
+    "RECEUnlearnDiffAttack": "UnlearnDiff Attack",
+    "RECERingABell": "Ring-A-Bell Attack",
 }
 ERASE_NODES = ("RECEEraseConcept", "UCEEraseConcept")
 NUMBERS = ("lamb", "erase_scale", "preserve_scale", "reg_scale", "epochs")

@@ -100,7 +100,7 @@ def pack(comfy_nodes):
 @pytest.fixture(scope="module")
 def english(comfy_nodes, pack) -> dict[str, dict]:
     definitions = english_definitions(comfy_nodes, pack)
-    assert len(definitions) == 8, sorted(definitions)
+    assert len(definitions) == 10, sorted(definitions)
     return definitions
 
 
@@ -258,7 +258,7 @@ def test_every_preset_choice_has_a_translated_label(lang, preset_choices, preset
 @pytest.mark.parametrize("lang", LANGUAGES)
 def test_numbers_and_equations_are_kept(lang, english, preset_descriptions):
     pairs = translated_pairs(english, read_locale(lang), preset_descriptions)
-    assert len(pairs) > 60, len(pairs)  # every description and tooltip of the 8 nodes, and the presets
+    assert len(pairs) > 60, len(pairs)  # every description and tooltip of the 10 nodes, and the presets
     problems = []
     for where, source, translation in pairs:
         want, got = Counter(NUMBER.findall(source)), Counter(NUMBER.findall(translation))

@@ -21,6 +21,8 @@ NODE_NAMES = {
     "RECEExportErasureLoRA": "Export Erasure as LoRA",
     "RECELoadPublishedErasure": "Load Published Erasure",
     "RECECompareKVWeights": "Compare Cross-Attention Weights",
+    "RECEUnlearnDiffAttack": "UnlearnDiff Attack",
+    "RECERingABell": "Ring-A-Bell Attack",
 }
 NUDITY = dict(lamb=0.1, erase_scale=1.0, preserve_scale=0.1, reg_scale=0.1)
 
