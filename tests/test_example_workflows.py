@@ -23,9 +23,10 @@ from devkit import host, paths, workflows
 
 EXAMPLES = paths.REPO_ROOT / "example_workflows"
 EXAMPLE_NAMES = ["rece_erase_compare_same_seed", "rece_red_team_uce_vs_rece", "rece_erase_nudity_save_checkpoint",
-                 "rece_share_erasure_and_lora"]
+                 "rece_share_erasure_and_lora", "rece_red_team_prompt_attacks"]
 SHIPPED_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 TEST_SIZE, TEST_STEPS = 64, 2
+TEST_ATTACK_ITERATIONS = 2  # UnlearnDiff's budget in the example runs: each step is a CLIP and UNet backward
 PRESETS = ["nudity", "unsafe", "artistic_style", "object_hard", "object_easy", "custom"]
 NUMBERS = ["lamb", "erase_scale", "preserve_scale", "reg_scale", "strength"]
 # (class, display name, required inputs in order, optional inputs, outputs)
@@ -42,6 +43,10 @@ PACK_NODES = [
      ["LORA_MODEL", "STRING"]),
     ("RECELoadPublishedErasure", "Load Published Erasure", ["model", "file", "strength"], [], ["MODEL", "STRING"]),
     ("RECECompareKVWeights", "Compare Cross-Attention Weights", ["model_a", "model_b"], [], ["STRING"]),
+    ("RECEUnlearnDiffAttack", "UnlearnDiff Attack",
+     ["model", "clip", "prompt", "target", "prefix_tokens", "iterations", "timesteps_per_iteration", "lr",
+      "weight_decay", "seed"], [], ["STRING", "CONDITIONING", "STRING"]),
+    ("RECERingABell", "Ring-A-Bell Attack", ["clip", "prompt", "concept_pairs", "eta"], [], ["CONDITIONING", "STRING"]),
 ]
 DEFAULTS = {"concepts": "nudity", "guide": "", "preserve": "", "preset": "nudity", "epochs": 3, "lamb": 0.1,
             "erase_scale": 1.0, "preserve_scale": 0.1, "reg_scale": 0.1, "strength": 1.0, "concept": "nudity",
@@ -182,6 +187,8 @@ def run_example(check: Checks, server: host.Server, name: str, workflow: dict, o
         graph = workflows.with_inputs(graph, class_type="EmptyLatentImage", width=TEST_SIZE, height=TEST_SIZE)
     if workflows.api_nodes(graph, "KSampler"):
         graph = with_latent_checks(workflows.with_inputs(graph, class_type="KSampler", steps=TEST_STEPS))
+    if workflows.api_nodes(graph, "RECEUnlearnDiffAttack"):
+        graph = workflows.with_inputs(graph, class_type="RECEUnlearnDiffAttack", iterations=TEST_ATTACK_ITERATIONS)
     entry = server.run_prompt(graph)
     if not check.that(entry["status"]["status_str"] == "success", f"{name}: {json.dumps(entry['status'])[:2000]}"):
         return None, graph
@@ -214,7 +221,11 @@ def check_graph_shape(check: Checks, name: str, graph: dict) -> None:
     (loader,) = workflows.api_nodes(graph, "CheckpointLoaderSimple")
     samplers = inputs_of(graph, "KSampler")
     if samplers:
-        check.that(len({s["seed"] for s in samplers}) == 1 and len(samplers) == 2, f"{name}: samplers' seeds differ")
+        expected = 5 if name == "rece_red_team_prompt_attacks" else 2
+        check.that(len({s["seed"] for s in samplers}) == 1 and len(samplers) == expected,
+                   f"{name}: {len(samplers)} samplers (expected {expected}) or their seeds differ")
+    if name == "rece_red_team_prompt_attacks":
+        check_prompt_attacks_shape(check, name, graph, loader)
     if name == "rece_erase_compare_same_seed":
         (erase,) = inputs_of(graph, "RECEEraseConcept")
         check.that((erase["concepts"], erase["guide"], erase["preset"]) == ("Van Gogh", "art", "artistic_style"),
@@ -257,6 +268,25 @@ def check_graph_shape(check: Checks, name: str, graph: dict) -> None:
         check.that(sorted(s["model"][0] for s in samplers) == sorted([eraser, applier]), f"{name}: sampler models")
         compare = inputs_of(graph, "RECECompareKVWeights")[0]
         check.that({compare["model_a"][0], compare["model_b"][0]} == {eraser, applier}, f"{name}: compared models")
+
+
+def check_prompt_attacks_shape(check: Checks, name: str, graph: dict, loader: str) -> None:
+    """The original samples the target; each erased model is attacked by UnlearnDiff (its own) and
+    Ring-A-Bell, and samples each attack."""
+    (uce,) = workflows.api_nodes(graph, "UCEEraseConcept")
+    (rece,) = workflows.api_nodes(graph, "RECEEraseConcept")
+    unlearn = workflows.api_nodes(graph, "RECEUnlearnDiffAttack")
+    (bell,) = workflows.api_nodes(graph, "RECERingABell")
+    (target,) = [i for i in workflows.api_nodes(graph, "KSampler") if graph[i]["inputs"]["model"] == [loader, 0]]
+    check.that(sorted(graph[i]["inputs"]["model"][0] for i in unlearn) == sorted([uce, rece]), f"{name}: attacked models")
+    check.that(all(graph[i]["inputs"]["target"] == [target, 0] for i in unlearn), f"{name}: attack targets")
+    prompt = graph[graph[target]["inputs"]["positive"][0]]["inputs"]["text"]
+    check.that(all(graph[i]["inputs"]["prompt"] == prompt for i in unlearn + [bell]), f"{name}: attack prompts")
+    pairs = {(graph[i]["inputs"]["model"][0], graph[i]["inputs"]["positive"][0]) for i in workflows.api_nodes(graph, "KSampler")
+             if i != target}
+    expected = {(graph[a]["inputs"]["model"][0], a) for a in unlearn} | {(uce, bell), (rece, bell)}
+    check.that(pairs == expected, f"{name}: (model, attack) of the samplers {pairs}")
+    check.that(inputs_of(graph, "SaveImage")[0]["filename_prefix"] == "rece_prompt_attacks", f"{name}: prefix")
 
 
 def preview_texts(check: Checks, name: str, entry: dict, graph: dict, expected: int) -> list[str]:
@@ -363,7 +393,25 @@ def outputs_share(check, server, entry, graph):
                    f"{name}: the LoRA model's image differs from the erased model's")
 
 
+def outputs_prompt_attacks(check, server, entry, graph):
+    name = "rece_red_team_prompt_attacks"
+    texts = preview_texts(check, name, entry, graph, 5)
+    reports = [t for t in texts if t.startswith("UnlearnDiff attack on")]
+    bells = [t for t in texts if t.startswith("Ring-A-Bell on")]
+    prompt = inputs_of(graph, "RECERingABell")[0]["prompt"]
+    adversarial = [t for t in texts if t.endswith(prompt) and t != prompt]
+    check.that(len(reports) == 2 and len(bells) == 1 and len(adversarial) == 2, f"{name}: previews {texts}")
+    (save,) = workflows.api_nodes(graph, "SaveImage")
+    images = entry["outputs"].get(save, {}).get("images", [])
+    if check.that(len(images) == 1, f"{name}: SaveImage outputs {images}"):
+        pixels = np.asarray(Image.open(server.output_dir / images[0]["subfolder"] / images[0]["filename"]).convert("RGB"))
+        spacing = inputs_of(graph, "ImageStitch")[0]["spacing_width"]
+        side = 2 * TEST_SIZE + spacing
+        check.that(pixels.shape == (side, side, 3), f"{name}: grid shape {pixels.shape}")
+
+
 CHECK_OUTPUTS = {
+    "rece_red_team_prompt_attacks": outputs_prompt_attacks,
     "rece_share_erasure_and_lora": outputs_share,
     "rece_erase_compare_same_seed": outputs_compare,
     "rece_red_team_uce_vs_rece": outputs_red_team,
