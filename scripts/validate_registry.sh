@@ -190,7 +190,7 @@ def under(folder: str) -> set[str]:
 
 # What ComfyUI loads, and the pack's own files.
 required = {"__init__.py", "LICENSE", "README.md", "pyproject.toml", "requirements.txt"} & (tracked | {"__init__.py"})
-for folder in ("nodes", "rece_ops", "web", "locales", "example_workflows"):
+for folder in ("nodes", "rece_ops", "red_team_ops", "web", "locales", "example_workflows"):
     required |= under(folder)
 required |= {f for f in under("demo_model") if f.endswith(".safetensors")}
 
