@@ -111,17 +111,24 @@ def check_finite(weights: Mapping[str, torch.Tensor]) -> None:
             raise ValueError(f"the model's weight {key} has NaN or infinite values; nothing was changed")
 
 
+def patched_weight(key: str, entries: list, device: torch.device, with_patches: bool = True) -> torch.Tensor:
+    """One weight as ComfyUI applies it, in float32 on ``device``, from its
+    ``get_key_patches`` entries ``[(stored, convert), *patches]``; a new
+    tensor, made in whatever inference mode the caller is in."""
+    (base, convert), *rest = entries
+    # detach: ComfyUI's parameters may require grad, and nothing here is trained.
+    weight = convert(base.detach().to(device=device, dtype=torch.float32, copy=True), inplace=True)
+    if rest and with_patches:
+        weight = comfy.lora.calculate_weight(rest, weight, key)
+    return weight
+
+
 def _kv_weights(model, device: torch.device | None, with_patches: bool, finite: bool = True) -> dict[str, torch.Tensor]:
     device = device or comfy.model_management.get_torch_device()
     patches = model.get_key_patches(DIFFUSION_PREFIX)
     weights: dict[str, torch.Tensor] = {}
     for key in kv_keys(model):
-        (base, convert), *rest = patches[key]
-        # detach: ComfyUI's parameters may require grad, and nothing here is trained.
-        weight = convert(base.detach().to(device=device, dtype=torch.float32, copy=True), inplace=True)
-        if rest and with_patches:
-            weight = comfy.lora.calculate_weight(rest, weight, key)
-        weights[key] = weight
+        weights[key] = patched_weight(key, patches[key], device, with_patches)
     if finite:
         check_finite(weights)
     return weights

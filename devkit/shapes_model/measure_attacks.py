@@ -80,7 +80,9 @@ class AttackLab(ShapesLab):
 
     def random_words(self, caption: str, seed: int) -> str:
         """The control: ``prefix_tokens`` words drawn at random from the attack's candidates, then the caption."""
-        ids, words, _ = host.pack_module("nodes.red_team.unlearndiff_attack").candidate_tokens(self.clip)
+        if not hasattr(self, "_candidates"):
+            self._candidates = host.pack_module("nodes.red_team.unlearndiff_attack").candidate_tokens(self.clip)
+        ids, words, _ = self._candidates
         picks = torch.randint(len(ids), (UNLEARNDIFF["prefix_tokens"],), generator=torch.Generator().manual_seed(seed))
         return " ".join([words[ids[i]] for i in picks.tolist()] + [caption])
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import comfy.clip_model
-import comfy.lora
 import torch
 
 from ...red_team_ops.clip_text import ClipTextConfig, clip_text_forward
+from ..model_weights import patched_weight
 
 TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"
 # The token ids of "*", the textual-inversion placeholder: what a layout's prefix slots hold.
@@ -117,10 +117,10 @@ def _effective_weights(clip, prefix: str, device: torch.device) -> dict[str, tor
     """
     out = {}
     with torch.inference_mode(False), torch.no_grad():
-        for key, ((stored, convert), *patches) in clip.patcher.get_key_patches(prefix).items():
-            weight = convert(stored.detach().to(device=device, dtype=torch.float32, copy=True), inplace=True)
-            if patches:
-                weight = comfy.lora.calculate_weight(patches, weight, key).to(stored.dtype).float()
+        for key, entries in clip.patcher.get_key_patches(prefix).items():
+            weight = patched_weight(key, entries, device)
+            if len(entries) > 1:  # rounded to the stored dtype, as the patched CLIP runs it
+                weight = weight.to(entries[0][0].dtype).float()
             out[key.removeprefix(prefix)] = weight
     return out
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import torch
 
-import comfy.lora
 import comfy.model_management
 import comfy.model_sampling
 
-from ..model_weights import DIFFUSION_PREFIX
+from ..model_weights import DIFFUSION_PREFIX, patched_weight
 
 
 def check_latent(model, samples: torch.Tensor) -> None:
@@ -88,12 +87,12 @@ class DifferentiableDenoiser:
         run_dtype = self.base.manual_cast_dtype or self.base.get_dtype()
         params = {}
         with torch.inference_mode(False), torch.no_grad():
-            for key, ((stored, convert), *patches) in model.get_key_patches(DIFFUSION_PREFIX).items():
+            for key, entries in model.get_key_patches(DIFFUSION_PREFIX).items():
+                (stored, convert), *patches = entries
                 stored = stored.detach()
                 dtype = stored.dtype if stored.is_floating_point() else None
                 if patches:
-                    weight = convert(stored.to(device=self.device, dtype=torch.float32, copy=True), inplace=True)
-                    weight = comfy.lora.calculate_weight(patches, weight, key)
+                    weight = patched_weight(key, entries, self.device)
                 else:
                     weight = convert(stored.to(device=self.device, copy=True), inplace=True)
                 if dtype is not None and dtype != weight.dtype:

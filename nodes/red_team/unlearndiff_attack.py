@@ -42,9 +42,8 @@ def candidate_tokens(clip) -> tuple[list[int], dict[int, str], int]:
     return ids, words, len(vocab)
 
 
-def conditioning_of(clip, text: str) -> list:
-    """What CLIP Text Encode gives for ``text`` (its own two calls)."""
-    tokens = clip.tokenize(text)
+def conditioning_of(clip, tokens: dict) -> list:
+    """What CLIP Text Encode gives for a text, from ``clip.tokenize(text)`` (its own two calls)."""
     if hasattr(clip, "encode_from_tokens_scheduled"):
         return clip.encode_from_tokens_scheduled(tokens)
     rows, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
@@ -102,9 +101,9 @@ def unlearndiff(model, clip, prompt: str, target: dict, prefix_tokens: int = 5, 
             weight_decay=weight_decay, seed=seed, callback=progress.phase())
     token_ids = [candidates[i] for i in result.tokens]
     adversarial = " ".join([words[i] for i in token_ids] + [prompt.strip()])
-    conditioning = conditioning_of(clip, adversarial)
-    first_chunk = next(iter(clip.tokenize(adversarial).values()))[0]
-    retokenized = [token[0] for token in first_chunk]
+    typed = clip.tokenize(adversarial)
+    conditioning = conditioning_of(clip, typed)
+    retokenized = [token[0] for token in next(iter(typed.values()))[0]]
     typed_back = retokenized[1:1 + prefix_tokens] == token_ids
     progress.step()
     weights_mib = (encoder.weight_bytes + denoiser.weight_bytes) / 2 ** 20
