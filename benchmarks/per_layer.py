@@ -87,3 +87,53 @@ def per_layer_rece(
                 erase_pairs.append((adversarial, epoch_targets(concept, guide_rows).to(dtype)))
             current[name] = _uce_layer(current, name, erase_pairs, _keep_pairs(encode, preserves, dtype), settings)
     return current
+
+
+def per_layer_speed(
+    weights: Mapping[str, torch.Tensor],
+    encode: Encode,
+    concepts: Sequence[str],
+    anchor: str,
+    retain_texts: Sequence[str],
+    invariants: torch.Tensor,
+    *,
+    threshold: float = 0.1,
+    retain_scale: float = 1.0,
+    lamb: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """SPEED's edit (no augmentation) the way the authors' ``edit_model``
+    (Ouxiang-Li/SPEED, ``train_erase_null.py``) computes it: per layer, an SVD
+    of the retained second moment, explicit inverses, all in ``dtype``.
+    ``retain_texts`` as the authors pass them (``[""]`` for the empty prompt
+    only); ``invariants`` are ``K2``'s rows. Returns ``{name: W'}``."""
+    targets, anchors = [], []
+    for concept in concepts:
+        old, new = encode([concept, anchor])
+        if list(concepts) == ["nudity"]:
+            targets.append(old.rows[1:].to(dtype))
+            anchors.append(new.rows[1:].to(dtype))
+        else:
+            targets.append(old.rows[old.n_words:old.n_words + 1].to(dtype))
+            anchors.append(new.rows[new.n_words:new.n_words + 1].to(dtype))
+    target_target = torch.stack([t.T @ t for t in targets]).mean(0)
+    anchor_target = torch.stack([a.T @ t for a, t in zip(anchors, targets)]).mean(0)
+    encoded = encode(list(retain_texts))
+    if list(retain_texts) == [""]:
+        retained = encoded[0].rows[1:].to(dtype)
+    else:
+        retained = torch.stack([e.rows[e.n_words] for e in encoded]).to(dtype)
+    k2 = invariants.to(dtype).T
+    width = k2.shape[0]
+    eye, eye2 = torch.eye(width, dtype=dtype), torch.eye(k2.shape[1], dtype=dtype)
+    edited = {}
+    for name, weight in weights.items():
+        w = weight.to(dtype)
+        moment = retained.T @ retained / retained.shape[0]
+        u, s, _ = torch.svd(moment)
+        p = u[:, s < threshold] @ u[:, s < threshold].T
+        m = torch.inverse(target_target @ p + retain_scale * eye)
+        delta = w @ (anchor_target - target_target) @ p @ (
+            eye - m @ k2 @ torch.inverse(k2.T @ p @ m @ k2 + lamb * eye2) @ k2.T @ p) @ m
+        edited[name] = w + delta
+    return edited

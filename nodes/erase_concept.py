@@ -6,7 +6,7 @@ import time
 import torch
 
 from .. import rece_ops
-from ..rece_ops import PRESETS, RECESettings
+from ..rece_ops import PRESETS, RECESettings, SpeedSettings
 from ..rece_ops.gram_cache import GramCache
 
 from . import model_weights, reports, text_encoding
@@ -17,6 +17,8 @@ from .transform_patch import transformed_clone
 CATEGORY = "RECE"
 CUSTOM = "custom"
 PRESET_CHOICES = [*PRESETS, CUSTOM]
+PAPER, SPEED = "paper", "SPEED null space"
+PRESERVE_MODES = [PAPER, SPEED]
 
 # G = sum W^T W of the weights an erasure starts from, shared by every node
 # of the pack: it depends only on those weights, not on texts or scales.
@@ -66,7 +68,31 @@ def erase_inputs(with_epochs: bool) -> dict:
                                               "which the epochs then erase." + PRESET_NOTE, 0.0001, step=0.0001),
         "strength": _float(1.0, "How much of the edit to apply: 1 = the full erasure, 0 = none.", -10.0, 10.0, 0.01),
     })
-    return {"required": required}
+    speed = SpeedSettings()
+    # Optional, so that graphs saved before these inputs existed run as they did.
+    optional = {
+        "preserve_mode": (PRESERVE_MODES, {
+            "default": PAPER,
+            "tooltip": "How the edit keeps what should stay. 'paper': the UCE/RECE step, which only weighs the "
+                       "preserved concepts (the authors' numbers reproduce exactly). 'SPEED null space' (Li et al., "
+                       "ICLR 2026): the edit may only use directions the preserved concepts do not use, and the "
+                       "empty prompt's outputs stay exactly; lamb, erase_scale and preserve_scale are then unused."}),
+        "threshold": _float(speed.threshold, "SPEED only: a direction is free for the edit when the preserved "
+                                             "concepts' second moment along it is below this (the authors' 0.1). "
+                                             "Lower keeps more and erases less.", 0.0, 1000.0, 0.0001),
+        "retain_scale": _float(speed.retain_scale, "SPEED only: how strongly the weights stay as they were (the "
+                                                   "authors' 1.0). Higher erases less.", 0.0001, 1000.0, 0.0001),
+    }
+    return {"required": required, "optional": optional}
+
+
+def resolve_speed(preserve_mode: str, threshold: float, retain_scale: float) -> SpeedSettings | None:
+    """SPEED's settings for the SPEED preserve mode, None for the paper's."""
+    if preserve_mode == PAPER:
+        return None
+    if preserve_mode != SPEED:
+        raise ValueError(f"unknown preserve_mode {preserve_mode!r}; choose {PAPER!r} or {SPEED!r}")
+    return SpeedSettings(threshold=threshold, retain_scale=retain_scale)
 
 
 def resolve_settings(preset_name: str, with_epochs: bool, **numbers: float) -> RECESettings:
@@ -80,9 +106,10 @@ def resolve_settings(preset_name: str, with_epochs: bool, **numbers: float) -> R
 
 def erase_concepts(
     model, clip, method: str, concepts: str, guide: str, preserve: str,
-    preset_name: str, settings: RECESettings, strength: float,
+    preset_name: str, settings: RECESettings, strength: float, speed: SpeedSettings | None = None,
 ) -> tuple[object, str, dict[str, float]]:
-    """Erase ``concepts`` from ``model``; return (patched clone, report, seconds per part)."""
+    """Erase ``concepts`` from ``model``; return (patched clone, report, seconds per part).
+    With ``speed``, every step is SPEED's null-space step instead of UCE's."""
     model_weights.check_strength(strength)
     names = rece_ops.split_concepts(concepts)
     if not names:
@@ -116,7 +143,7 @@ def erase_concepts(
     seconds["gram_cached"] = GRAM_CACHE.misses == misses
     started = time.perf_counter()
     erasure = rece_ops.erase(concept_rows, [guide_rows] * len(names), preserve_rows, settings,
-                             gram_matrix=gram_matrix, callback=progress.phase())
+                             gram_matrix=gram_matrix, speed=speed, callback=progress.phase())
     seconds["algebra"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -141,7 +168,9 @@ class RECEEraseConcept:
     DESCRIPTION = (
         "Erase concepts from a model with RECE (Gong et al., ECCV 2024): a closed-form edit of the cross-attention "
         "key/value weights (UCE), then epochs that derive the adversarial embedding still producing the concept "
-        "and erase that too. Outputs a patched copy of the model and a report; the input model is untouched."
+        "and erase that too. Outputs a patched copy of the model and a report; the input model is untouched. "
+        "preserve_mode 'SPEED null space' (Li et al., ICLR 2026) confines every step to what the preserved concepts "
+        "do not use."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "STRING")
@@ -156,17 +185,20 @@ class RECEEraseConcept:
         return erase_inputs(with_epochs=True)
 
     def erase(self, model, clip, concepts, guide, preserve, preset, lamb, erase_scale, preserve_scale,
-              reg_scale, strength, epochs=0):
+              reg_scale, strength, epochs=0, preserve_mode=PAPER, threshold=0.1, retain_scale=1.0):
         settings = resolve_settings(preset, self.METHOD == "RECE", lamb=lamb, erase_scale=erase_scale,
                                     preserve_scale=preserve_scale, reg_scale=reg_scale, epochs=epochs)
+        speed = resolve_speed(preserve_mode, threshold, retain_scale)
         with torch.inference_mode():
-            return erase_concepts(model, clip, self.METHOD, concepts, guide, preserve, preset, settings, strength)[:2]
+            return erase_concepts(model, clip, self.METHOD, concepts, guide, preserve, preset, settings, strength,
+                                  speed)[:2]
 
 
 class UCEEraseConcept(RECEEraseConcept):
     DESCRIPTION = (
         "Erase concepts with UCE (Gandikota et al., WACV 2024): the closed-form key/value edit alone, the baseline "
-        "RECE improves on. Use it beside RECE Erase Concept to compare them, e.g. under Derive Adversarial Embedding."
+        "RECE improves on. Use it beside RECE Erase Concept to compare them, e.g. under Derive Adversarial Embedding. "
+        "With preserve_mode 'SPEED null space' it is SPEED's edit (Li et al., ICLR 2026) without adversarial epochs."
     )
     METHOD = "UCE"
 

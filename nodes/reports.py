@@ -5,7 +5,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..rece_ops import EncodedText, Erasure, RECESettings, metrics, uce_erase_rows
+from ..rece_ops import EncodedText, Erasure, NullSpace, RECESettings, metrics, uce_erase_rows
 from ..rece_ops.texts import epoch_targets
 
 
@@ -61,17 +61,28 @@ def erase_report(
         settings.reg_scale))
     gram_time = "reused" if seconds.get("gram_cached") else f"{seconds['gram']:.2f} s"
     source = "published preset " + preset_name if preset_name != "custom" else "custom numbers"
+    kept = erasure.null_space
+    step_name = "UCE" if kept is None else "SPEED"
+    epochs = " only" if steps == 1 else f" + {steps - 1} RECE epoch" + ("s" if steps > 2 else "")
+    if kept is None:
+        settings_line = (f"settings ({source}): lamb {settings.lamb}, erase_scale {settings.erase_scale}, "
+                         f"preserve_scale {settings.preserve_scale}, reg_scale {settings.reg_scale}, "
+                         f"epochs {settings.epochs}; strength {strength}")
+    else:
+        speed = kept.settings
+        settings_line = (f"preserve mode: SPEED null space (Li et al., ICLR 2026), threshold {speed.threshold}, "
+                         f"retain_scale {speed.retain_scale}; from the {source}: reg_scale {settings.reg_scale}, "
+                         f"epochs {settings.epochs} (lamb, erase_scale, preserve_scale unused); strength {strength}")
     lines = [
-        f"{method} erased {_quoted([c.text for c in concepts])} -> {_quoted([guides[0].text])}; "
+        f"{step_name if kept is None or method == 'UCE' else 'SPEED + RECE'} erased "
+        f"{_quoted([c.text for c in concepts])} -> {_quoted([guides[0].text])}; "
         f"preserved {_quoted([p.text for p in preserves])}",
-        f"settings ({source}): lamb {settings.lamb}, erase_scale {settings.erase_scale}, "
-        f"preserve_scale {settings.preserve_scale}, reg_scale {settings.reg_scale}, epochs {settings.epochs}; "
-        f"strength {strength}",
-        f"edit: {'UCE step only' if steps == 1 else f'UCE step + {steps - 1} RECE epoch' + ('s' if steps > 2 else '')} on "
-        f"{n_matrices} K/V matrices, {_rank_words(erasure)}; "
+        settings_line,
+        f"edit: {step_name} step{epochs} on {n_matrices} K/V matrices, {_rank_words(erasure)}; "
         f"weights changed {100 * metrics.weight_change(gram_matrix, erasure):.2f}%",
         f"erased rows: distance left to the guide's outputs {remaining:.4f} (0 = mapped onto the guide, 1 = untouched); "
         f"preserved rows moved {100 * drift:.3f}%",
+        *([] if kept is None else null_space_lines(gram_matrix, erasure, kept)),
         f"red team: the best adversarial embedding (reg_scale {settings.reg_scale}) still recovers "
         f"{100 * recovery:.1f}% of the concept's original outputs (0% = no closer than the guide)",
         f"time: text encoding {seconds['text']:.2f} s, reading the K/V weights {seconds['weights']:.2f} s, "
@@ -80,6 +91,31 @@ def erase_report(
         *chunks_note([*concepts, *guides[:1], *preserves]),
     ]
     return "\n".join(lines)
+
+
+def null_space_lines(gram_matrix: torch.Tensor, erasure: Erasure, kept: NullSpace) -> list[str]:
+    """What SPEED kept, and how far it moved (output changes through G)."""
+    retained = "the empty prompt's rows" if kept.retained_texts == ("",) else \
+        f"the last word of {_quoted(list(kept.retained_texts))}"
+    lines = [
+        f"null space: the edit may use {kept.free_dimensions} of {erasure.width} directions, those where "
+        f"{retained} ({kept.retained_rows.shape[0]} rows) vary less than the threshold; outputs moved: "
+        f"retained rows {100 * metrics.preserve_drift(gram_matrix, erasure, kept.retained_rows):.3g}%, "
+        f"the retained span outside the null space {100 * _span_drift(gram_matrix, erasure, kept):.2g}%, "
+        f"start token and empty-prompt centres {100 * metrics.preserve_drift(gram_matrix, erasure, kept.invariants):.2g}% "
+        "(both 0 up to float rounding)",
+    ]
+    if kept.free_dimensions == 0:
+        lines.append("warning: the preserved concepts use every direction, so nothing was erased: raise the threshold "
+                     "or preserve fewer concepts")
+    if kept.dropped:
+        lines.append(f"not retained (they name an erased concept): {_quoted(list(kept.dropped))}")
+    return lines
+
+
+def _span_drift(gram_matrix: torch.Tensor, erasure: Erasure, kept: NullSpace) -> float:
+    basis = kept.kept_basis()
+    return metrics.preserve_drift(gram_matrix, erasure, basis) if basis.shape[0] else 0.0
 
 
 def adversarial_report(

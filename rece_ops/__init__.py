@@ -16,6 +16,10 @@ holds one ``d x d`` transform per step; every matrix of the model is
 ``W @ T`` afterwards. It can be saved as a small erasure file
 (``save_erasure_file`` / ``load_erasure_file``) or exported as an exact LoRA
 (``lora_factors``, ``lora_state_dict``).
+
+SPEED's null-space step (Li et al., ICLR 2026) replaces UCE's when ``erase``
+is given ``speed=SpeedSettings(...)``: the same Erasure value, with the edit
+confined to what the preserve texts leave unused (``null_space_of``).
 """
 __version__ = "0.2.0"
 
@@ -25,12 +29,14 @@ from .erasure_file import ErasureFile, describe, load_erasure_file, save_erasure
 from .fingerprint import fingerprints_match, kv_fingerprint
 from .lora_export import LoraFactors, lora_factors, lora_state_dict
 from .loop import erase
+from .null_space import NullSpace, SpeedSettings, null_space_of, speed_layer_steps, speed_rows, speed_step
 from .settings import I2P_CONCEPTS, PRESETS, Preset, RECESettings, preset
 from .texts import EncodedText, count_words, preserve_prompts, split_concepts, uce_erase_rows
 
 __all__ = [
     "__version__", "EditStep", "EncodedText", "Erasure", "ErasureFile", "I2P_CONCEPTS", "LoraFactors", "PRESETS", "Preset",
-    "RECESettings", "adversarial_embedding", "chain", "count_words", "describe", "erase", "fingerprints_match",
-    "gram", "kv_fingerprint", "load_erasure_file", "lora_factors", "lora_state_dict", "preserve_prompts",
-    "preset", "save_erasure_file", "split_concepts", "uce_erase_rows", "uce_step",
+    "NullSpace", "RECESettings", "SpeedSettings", "adversarial_embedding", "chain", "count_words", "describe", "erase", "fingerprints_match",
+    "gram", "kv_fingerprint", "load_erasure_file", "lora_factors", "lora_state_dict", "null_space_of", "preserve_prompts",
+    "preset", "save_erasure_file", "speed_layer_steps", "speed_rows", "speed_step", "split_concepts",
+    "uce_erase_rows", "uce_step",
 ]

@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .closed_form import ALGEBRA_DTYPE, EditStep
+from .null_space import NullSpace
 from .settings import RECESettings
 
 
@@ -32,6 +33,8 @@ class Erasure:
             epoch began (float64).
         settings: the scales used.
         concepts, guides, preserves: the texts, for reports and metadata.
+        null_space: for a SPEED edit, what it was confined to; None for the
+            paper's UCE/RECE steps.
     """
 
     steps: tuple[EditStep, ...]
@@ -40,6 +43,7 @@ class Erasure:
     concepts: tuple[str, ...] = ()
     guides: tuple[str, ...] = ()
     preserves: tuple[str, ...] = ()
+    null_space: NullSpace | None = None
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -77,7 +81,8 @@ class Erasure:
         as one step with the same factors (what a patch at that strength does)."""
         up, down = self.factors
         return Erasure(steps=(EditStep(up=strength * up, down=down),), adversarial=self.adversarial,
-                       settings=self.settings, concepts=self.concepts, guides=self.guides, preserves=self.preserves)
+                       settings=self.settings, concepts=self.concepts, guides=self.guides, preserves=self.preserves,
+                       null_space=self.null_space)
 
     @cached_property
     def edit(self) -> torch.Tensor:

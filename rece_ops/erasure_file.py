@@ -11,7 +11,8 @@ metadata key ``rece_erasure``:
 model family's name), ``fingerprint`` (``kv_fingerprint`` of the weights it
 was computed on), ``pack_version``, and ``erasures``: one entry per erasure
 in application order (``describe``: method, concepts, guide, preserves,
-scales, epochs, strength).
+scales, epochs, strength, and ``preserve_mode``: "paper", or "SPEED" with
+its threshold, retain_scale and invariant settings).
 """
 from __future__ import annotations
 
@@ -51,11 +52,17 @@ class ErasureFile:
 def describe(erasure: Erasure, method: str, strength: float) -> dict[str, Any]:
     """One erasure's entry in a file's ``erasures`` list."""
     s = erasure.settings
-    return {
+    entry = {
         "method": method, "concepts": list(erasure.concepts), "guide": erasure.guides[0] if erasure.guides else "",
         "preserve": list(erasure.preserves), "lamb": s.lamb, "erase_scale": s.erase_scale,
         "preserve_scale": s.preserve_scale, "reg_scale": s.reg_scale, "epochs": s.epochs, "strength": strength,
+        "preserve_mode": "paper",
     }
+    if erasure.null_space is not None:
+        speed = erasure.null_space.settings
+        entry.update({"preserve_mode": "SPEED", "threshold": speed.threshold, "retain_scale": speed.retain_scale,
+                      "invariant_lamb": speed.lamb, "invariant_clusters": speed.clusters})
+    return entry
 
 
 def save_erasure_file(

@@ -14,6 +14,7 @@ import torch
 from .closed_form import (StepCallback, adversarial_from_grams, algebra_device, as_algebra, edited_grams, gram,
                           no_wider_than_d, uce_step)
 from .erasure import Erasure
+from .null_space import NullSpace, SpeedSettings, null_space_of, speed_rows, speed_step
 from .settings import RECESettings
 from .texts import EncodedText, epoch_targets, uce_erase_rows
 
@@ -44,9 +45,16 @@ def erase(
     gram_matrix: torch.Tensor | None = None,
     epoch_preserves: Sequence[EncodedText] | None = None,
     anchors: Sequence[EncodedText | None] | None = None,
+    speed: SpeedSettings | None = None,
     callback: StepCallback | None = None,
 ) -> Erasure:
     """Run UCE and ``settings.epochs`` RECE epochs; return the edit.
+
+    With ``speed``, every step is SPEED's null-space step instead of UCE's
+    (``null_space.speed_step``): the first erases SPEED's rows of each
+    concept, each epoch the adversarial rows found against the model so far,
+    all confined to the same null space of the preserve texts. ``lamb``,
+    ``erase_scale`` and ``preserve_scale`` are then unused.
 
     Args:
         concepts: the concepts to erase, encoded.
@@ -63,6 +71,9 @@ def erase(
         anchors: per concept, the embedding that ``reg_scale`` pulls the
             adversarial embedding toward; None (for all or one concept) is
             zero, the paper's regulariser.
+        speed: SPEED's settings to erase with its null-space step, or None
+            for the paper's UCE step. ``preserves`` must include the empty
+            prompt, whose rows SPEED keeps exactly.
         callback: progress hook, see ``StepCallback``.
 
     Returns:
@@ -91,11 +102,16 @@ def erase(
     scales = dict(lamb=settings.lamb, erase_scale=settings.erase_scale, preserve_scale=settings.preserve_scale)
     total = 1 + settings.epochs
 
-    # UCE step: word-aligned rows of each concept against its guide.
-    pairs = [uce_erase_rows(c, t) for c, t in zip(concepts, guides)]
-    erase_rows = torch.cat([as_algebra(c, device) for c, _ in pairs])
-    target_rows = torch.cat([as_algebra(t, device) for _, t in pairs])
-    steps = [uce_step(erase_rows, target_rows, _stack_rows(preserves, device), **scales)]
+    kept: NullSpace | None = None
+    if speed is None:
+        # UCE step: word-aligned rows of each concept against its guide.
+        pairs = [uce_erase_rows(c, t) for c, t in zip(concepts, guides)]
+        erase_rows = torch.cat([as_algebra(c, device) for c, _ in pairs])
+        target_rows = torch.cat([as_algebra(t, device) for _, t in pairs])
+        steps = [uce_step(erase_rows, target_rows, _stack_rows(preserves, device), **scales)]
+    else:
+        kept = null_space_of(concepts, preserves, speed)
+        steps = [_speed_step(kept, *speed_rows(concepts, guides))]
     # The edit so far as T = I + up @ down: the adversarial system then costs
     # O(d^2 r) to form instead of O(d^3).
     up, down = steps[0].up, steps[0].down
@@ -120,7 +136,10 @@ def erase(
         # Every concept's c' is derived before this epoch's edit.
         found = adversarial_from_grams(concept_rows, *edited_grams(g, up, down), settings.reg_scale, anchor_rows)
         adversarial.append(tuple(found.split(row_counts)))
-        step = uce_step(found, guide_rows, epoch_keep, **scales)
+        if kept is None:
+            step = uce_step(found, guide_rows, epoch_keep, **scales)
+        else:
+            step = _speed_step(kept, found.split(row_counts), guide_rows.split(row_counts))
         steps.append(step)
         # T (I + u v) = I + [up, T u] [down; v]
         up, down = no_wider_than_d(torch.cat([up, step.up + up @ (down @ step.up)], dim=1),
@@ -135,4 +154,10 @@ def erase(
         concepts=tuple(c.text for c in concepts),
         guides=tuple(t.text for t in guides),
         preserves=tuple(p.text for p in preserves),
+        null_space=kept,
     )
+
+
+def _speed_step(kept: NullSpace, targets: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]):
+    return speed_step(targets, anchors, kept.projector, kept.invariants,
+                      retain_scale=kept.settings.retain_scale, lamb=kept.settings.lamb)

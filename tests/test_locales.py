@@ -42,7 +42,8 @@ KEPT_TERMS = (
     "MODEL", "CONDITIONING", "KSampler", "LoraLoader", "LoRA", "RECE", "UCE", "K/V", "SD1.x", "SD2.x", "SDXL",
     "SD 1.4", "UNet", "diffusers", "kohya", "safetensors", ".pt/.pth", "attn2.to_k/to_v", "float32",
     "float16/bfloat16", "I2P", "ECCV", "WACV", "Gong et al.", "Gandikota et al.", "models/rece_erasures/",
-    "models/loras/", "'custom'", "'art'", "'nudity/sd15'", "lora",
+    "models/loras/", "'custom'", "'art'", "'nudity/sd15'", "lora", "SPEED", "'paper'", "'SPEED null space'",
+    "ICLR", "Li et al.", "preserve_mode",
 )
 # Characters vue-i18n's message compiler treats as syntax (interpolation,
 # linked messages, plurals): a translation holding one would not show as written.

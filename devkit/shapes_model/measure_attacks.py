@@ -2,6 +2,10 @@
 UnlearnDiff, Ring-A-Bell and no attack, measured through the pack's nodes.
 
     .venv/bin/python -m devkit.shapes_model.measure_attacks [--seeds 8] [--iterations 40] [--jobs 2]
+    .venv/bin/python -m devkit.shapes_model.measure_attacks --null-space [--seeds 4] [--jobs 2]
+
+(``--null-space``: the paper's RECE against SPEED's null-space edit, erasing
+'circle' and 'red'; see ``devkit.shapes_model.measure_null_space``.)
 
 On the trained shapes demo model (stock CheckpointLoaderSimple, CLIPTextEncode,
 KSampler: euler, 20 steps, cfg 5, 64x64, as ``devkit.shapes_model.measure``),
@@ -179,6 +183,11 @@ def table(results: list[dict], seeds: int, iterations: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--null-space" in argv:
+        from devkit.shapes_model import measure_null_space
+
+        return measure_null_space.main([a for a in argv if a != "--null-space"])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=8, help="seeds per circle caption (default 8)")
     parser.add_argument("--iterations", type=int, default=40, help="UnlearnDiff iterations (default 40, the authors')")
