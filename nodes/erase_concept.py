@@ -17,8 +17,10 @@ from .transform_patch import transformed_clone
 CATEGORY = "RECE"
 CUSTOM = "custom"
 PRESET_CHOICES = [*PRESETS, CUSTOM]
-PAPER, SPEED = "paper", "SPEED null space"
-PRESERVE_MODES = [PAPER, SPEED]
+PAPER, SPEED, SPEED_EVERY_TOKEN = "paper", "SPEED null space", "SPEED null space, every token kept"
+PRESERVE_MODES = [PAPER, SPEED, SPEED_EVERY_TOKEN]
+# Which rows of the preserve texts each SPEED mode keeps (rece_ops.null_space).
+RETAINED = {SPEED: "last word", SPEED_EVERY_TOKEN: "every token"}
 
 # G = sum W^T W of the weights an erasure starts from, shared by every node
 # of the pack: it depends only on those weights, not on texts or scales.
@@ -75,8 +77,11 @@ def erase_inputs(with_epochs: bool) -> dict:
             "default": PAPER,
             "tooltip": "How the edit keeps what should stay. 'paper': the UCE/RECE step, which only weighs the "
                        "preserved concepts (the authors' numbers reproduce exactly). 'SPEED null space' (Li et al., "
-                       "ICLR 2026): the edit may only use directions the preserved concepts do not use, and the "
-                       "empty prompt's outputs stay exactly; lamb, erase_scale and preserve_scale are then unused."}),
+                       "ICLR 2026): the edit may only use directions the preserved concepts' last words do not use "
+                       "(the empty prompt's rows when none is given), and the start token's and the empty prompt's "
+                       "main outputs stay exactly; lamb, erase_scale and preserve_scale are then unused. 'SPEED null "
+                       "space, every token kept': the same, keeping every token of each preserved concept and the "
+                       "whole empty prompt (this pack's variant; on the demo model it keeps the other captions best)."}),
         "threshold": _float(speed.threshold, "SPEED only: a direction is free for the edit when the preserved "
                                              "concepts' second moment along it is below this (the authors' 0.1). "
                                              "Lower keeps more and erases less.", 0.0, 1000.0, 0.0001),
@@ -90,9 +95,9 @@ def resolve_speed(preserve_mode: str, threshold: float, retain_scale: float) -> 
     """SPEED's settings for the SPEED preserve mode, None for the paper's."""
     if preserve_mode == PAPER:
         return None
-    if preserve_mode != SPEED:
-        raise ValueError(f"unknown preserve_mode {preserve_mode!r}; choose {PAPER!r} or {SPEED!r}")
-    return SpeedSettings(threshold=threshold, retain_scale=retain_scale)
+    if preserve_mode not in RETAINED:
+        raise ValueError(f"unknown preserve_mode {preserve_mode!r}; choose one of {PRESERVE_MODES}")
+    return SpeedSettings(threshold=threshold, retain_scale=retain_scale, retained=RETAINED[preserve_mode])
 
 
 def resolve_settings(preset_name: str, with_epochs: bool, **numbers: float) -> RECESettings:

@@ -54,7 +54,13 @@ def summary(entries: list[dict]) -> str:
     for e in entries:
         concepts = ", ".join(repr(c) for c in e.get("concepts", ())) or "?"
         guide = e.get("guide", "")
-        lines.append(f"  {e.get('method', '?')} {concepts} -> {repr(guide) if guide.strip() else 'the empty prompt'}: "
+        target = f"{concepts} -> {repr(guide) if guide.strip() else 'the empty prompt'}"
+        if e.get("preserve_mode") == "SPEED":  # files written before preserve_mode existed are the paper's
+            lines.append(f"  {e.get('method', '?')} with SPEED's null space {target}: threshold {e.get('threshold')}, "
+                         f"retain_scale {e.get('retain_scale')}, retained rows: {e.get('retained_rows')}, "
+                         f"reg {e.get('reg_scale')}, epochs {e.get('epochs')}, strength {e.get('strength')}")
+            continue
+        lines.append(f"  {e.get('method', '?')} {target}: "
                      f"lamb {e.get('lamb')}, erase {e.get('erase_scale')}, preserve {e.get('preserve_scale')}, "
                      f"reg {e.get('reg_scale')}, epochs {e.get('epochs')}, strength {e.get('strength')}")
     return "\n".join(lines)

@@ -70,11 +70,12 @@ def erase_report(
                          f"epochs {settings.epochs}; strength {strength}")
     else:
         speed = kept.settings
-        settings_line = (f"preserve mode: SPEED null space (Li et al., ICLR 2026), threshold {speed.threshold}, "
+        settings_line = (f"preserve mode: SPEED null space (Li et al., ICLR 2026), retained rows: {speed.retained}, "
+                         f"threshold {speed.threshold}, "
                          f"retain_scale {speed.retain_scale}; from the {source}: reg_scale {settings.reg_scale}, "
                          f"epochs {settings.epochs} (lamb, erase_scale, preserve_scale unused); strength {strength}")
     lines = [
-        f"{step_name if kept is None or method == 'UCE' else 'SPEED + RECE'} erased "
+        f"{method if kept is None else 'SPEED' if method == 'UCE' else 'SPEED + RECE'} erased "
         f"{_quoted([c.text for c in concepts])} -> {_quoted([guides[0].text])}; "
         f"preserved {_quoted([p.text for p in preserves])}",
         settings_line,
@@ -95,8 +96,11 @@ def erase_report(
 
 def null_space_lines(gram_matrix: torch.Tensor, erasure: Erasure, kept: NullSpace) -> list[str]:
     """What SPEED kept, and how far it moved (output changes through G)."""
-    retained = "the empty prompt's rows" if kept.retained_texts == ("",) else \
-        f"the last word of {_quoted(list(kept.retained_texts))}"
+    words = [t for t in kept.retained_texts if t.strip()]
+    if kept.settings.retained == "every token":
+        retained = "the empty prompt's rows" + (f" and every token of {_quoted(words)}" if words else "")
+    else:
+        retained = f"the last word of {_quoted(words)}" if words else "the empty prompt's rows"
     lines = [
         f"null space: the edit may use {kept.free_dimensions} of {erasure.width} directions, those where "
         f"{retained} ({kept.retained_rows.shape[0]} rows) vary less than the threshold; outputs moved: "

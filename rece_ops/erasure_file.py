@@ -12,7 +12,7 @@ model family's name), ``fingerprint`` (``kv_fingerprint`` of the weights it
 was computed on), ``pack_version``, and ``erasures``: one entry per erasure
 in application order (``describe``: method, concepts, guide, preserves,
 scales, epochs, strength, and ``preserve_mode``: "paper", or "SPEED" with
-its threshold, retain_scale and invariant settings).
+its threshold, retain_scale, invariant settings and retained rows).
 """
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ def describe(erasure: Erasure, method: str, strength: float) -> dict[str, Any]:
     if erasure.null_space is not None:
         speed = erasure.null_space.settings
         entry.update({"preserve_mode": "SPEED", "threshold": speed.threshold, "retain_scale": speed.retain_scale,
-                      "invariant_lamb": speed.lamb, "invariant_clusters": speed.clusters})
+                      "invariant_lamb": speed.lamb, "invariant_clusters": speed.clusters,
+                      "retained_rows": speed.retained})
     return entry
 
 

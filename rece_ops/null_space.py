@@ -36,6 +36,10 @@ from .closed_form import ALGEBRA_DTYPE, EditStep, algebra_device, as_algebra
 from .texts import EncodedText
 
 
+LAST_WORD, EVERY_TOKEN = "last word", "every token"
+RETAINED_ROWS = (LAST_WORD, EVERY_TOKEN)
+
+
 @dataclass(frozen=True)
 class SpeedSettings:
     """The scales of SPEED's step, with the authors' defaults.
@@ -49,6 +53,11 @@ class SpeedSettings:
             token's and the empty prompt's outputs stay exactly).
         clusters: k-means centres of the empty prompt's rows in ``K2`` (3).
         seed: seed of the k-means start (the authors' is unseeded).
+        retained: which rows of the preserve texts define the null space:
+            ``"last word"`` (the authors': each text's last word token, or
+            the empty prompt's rows when no other text is given) or
+            ``"every token"`` (this pack's variant: every word token and the
+            EOS row of each text, and always the empty prompt's rows).
     """
 
     threshold: float = 0.1
@@ -56,6 +65,7 @@ class SpeedSettings:
     lamb: float = 0.0
     clusters: int = 3
     seed: int = 0
+    retained: str = LAST_WORD
 
     def __post_init__(self) -> None:
         for name in ("threshold", "retain_scale", "lamb"):
@@ -67,6 +77,8 @@ class SpeedSettings:
                              f"got {self.retain_scale}")
         if not isinstance(self.clusters, int) or isinstance(self.clusters, bool) or self.clusters < 0:
             raise ValueError(f"clusters must be a whole number >= 0, got {self.clusters!r}")
+        if self.retained not in RETAINED_ROWS:
+            raise ValueError(f"retained must be one of {RETAINED_ROWS}, got {self.retained!r}")
 
 
 @dataclass(frozen=True)
@@ -158,12 +170,28 @@ def invariant_rows(empty_prompt_rows: torch.Tensor, clusters: int = 3, seed: int
     return torch.cat([x[:1], kmeans_centres(x[1:], clusters, generator)])
 
 
-def _solve(matrix: torch.Tensor, rhs: torch.Tensor, what: str) -> torch.Tensor:
-    solution, info = torch.linalg.solve_ex(matrix, rhs)
-    if int(info) != 0 or not torch.isfinite(solution).all():
-        raise ValueError(f"SPEED's {what} system is singular: raise retain_scale (or the invariant ridge lamb), "
-                         "or lower the threshold")
-    return solution
+class _Factored:
+    """One LU factorisation of ``M^-1 = C P + retain_scale I``, solved with
+    from both sides (``M K2`` and ``(...) M``): half the work of two solves."""
+
+    def __init__(self, matrix: torch.Tensor):
+        self.lu, self.pivots, info = torch.linalg.lu_factor_ex(matrix)
+        if int(info) != 0:
+            raise ValueError("SPEED's erase system is singular: raise retain_scale or lower the threshold")
+
+    def left(self, rhs: torch.Tensor) -> torch.Tensor:
+        """``matrix^-1 @ rhs``."""
+        return self._checked(torch.linalg.lu_solve(self.lu, self.pivots, rhs))
+
+    def right(self, lhs: torch.Tensor) -> torch.Tensor:
+        """``lhs @ matrix^-1``, as ``(matrix^T)^-1 lhs^T`` transposed."""
+        return self._checked(torch.linalg.lu_solve(self.lu, self.pivots, lhs.T, adjoint=True).T)
+
+    @staticmethod
+    def _checked(solution: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(solution).all():
+            raise ValueError("SPEED's erase system is singular: raise retain_scale or lower the threshold")
+        return solution
 
 
 def _invariant_solve(small: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -218,16 +246,16 @@ def speed_step(
     c = (t.T @ t) / k
     q = c @ p
     q.diagonal().add_(retain_scale)              # M^-1 = C P + retain_scale I
+    m = _Factored(q)
     rows = t @ p                                  # t P
     if invariants is not None and invariants.numel():
         k2 = as_algebra(invariants, device).T     # [d, m]
-        m_k2 = _solve(q, k2, "erase")             # M K2
+        m_k2 = m.left(k2)                         # M K2
         pk2 = p @ k2
         small = pk2.T @ m_k2                      # K2^T P M K2 (P symmetric)
         small.diagonal().add_(lamb)
         rows = rows - (rows @ m_k2) @ _invariant_solve(small, pk2.T)
-    down = _solve(q.T, rows.T, "erase").T         # (...) M, as a solve from the right
-    return EditStep(up=(a - t).T / k, down=down)
+    return EditStep(up=(a - t).T / k, down=m.right(rows))   # (...) M, a solve from the right
 
 
 def _retained_chunk_moment(
@@ -349,10 +377,15 @@ def null_space_of(concepts: Sequence[EncodedText], preserves: Sequence[EncodedTe
     """The null space of a SPEED edit from the texts of a run.
 
     ``preserves`` must include the empty prompt (``texts.preserve_prompts``
-    puts it first): its rows give ``K2``. The retained rows are, as in the
-    authors' code, the last word token of every other preserve text that does
-    not name an erased concept, or, when there is none, the empty prompt's
-    rows after the start token.
+    puts it first): its rows give ``K2``. Preserve texts that name an erased
+    concept are left out, as the authors do. With ``settings.retained`` "last
+    word" the retained rows are, as in the authors' code, the last word token
+    of every other preserve text, or, when there is none, the empty prompt's
+    rows after the start token. With "every token" they are every word token
+    and the EOS row of each other preserve text, and the empty prompt's rows
+    after the start token in every case: the empty prompt is the negative
+    prompt of most graphs, and its rows are then kept in full, not only
+    through ``K2``.
     """
     empty = next((p for p in preserves if not p.text.strip()), None)
     if empty is None:
@@ -361,12 +394,15 @@ def null_space_of(concepts: Sequence[EncodedText], preserves: Sequence[EncodedTe
     others = [p for p in preserves if p.text.strip()]
     dropped = tuple(p.text for p in others if names_a_concept(p.text, names))
     kept = [p for p in others if p.text not in dropped]
-    if kept:
+    empty_rows = _first_chunk(empty)[0][1:]
+    if settings.retained == EVERY_TOKEN:
+        rows = torch.cat([r[1:w + 2] for r, w in map(_first_chunk, kept)] + [empty_rows])
+        sources = (*(p.text for p in kept), "")
+    elif kept:
         rows = torch.cat([r[w:w + 1] for r, w in map(_first_chunk, kept)])
         sources = tuple(p.text for p in kept)
     else:
-        rows = _first_chunk(empty)[0][1:]
-        sources = ("",)
+        rows, sources = empty_rows, ("",)
     projector = null_space_projector(second_moment(rows), settings.threshold)
     return NullSpace(projector=projector, invariants=invariant_rows(_first_chunk(empty)[0], settings.clusters,
                                                                     settings.seed),

@@ -43,6 +43,7 @@ KEPT_TERMS = (
     "SD 1.4", "UNet", "diffusers", "kohya", "safetensors", ".pt/.pth", "attn2.to_k/to_v", "float32",
     "float16/bfloat16", "I2P", "ECCV", "WACV", "Gong et al.", "Gandikota et al.", "models/rece_erasures/",
     "models/loras/", "'custom'", "'art'", "'nudity/sd15'", "lora", "SPEED", "'paper'", "'SPEED null space'",
+    "'SPEED null space, every token kept'",
     "ICLR", "Li et al.", "preserve_mode",
 )
 # Characters vue-i18n's message compiler treats as syntax (interpolation,

@@ -55,6 +55,7 @@ def test_speed_mode_on_both_erase_nodes_equals_rece_ops_with_speed(pack, glue, s
     assert worst_error(glue.weights.effective_kv_weights(erased), expected.apply(weights)) < 1e-6
     assert "preserve mode: SPEED null space" in report and "threshold 0.2, retain_scale 0.5" in report
     assert ("SPEED step + 3 RECE epochs" if node_name == "RECE" else "SPEED step only") in report
+    assert report.startswith("SPEED + RECE erased 'nudity'" if node_name == "RECE" else "SPEED erased 'nudity'")
     assert "the last word of 'a portrait', 'a landscape' (2 rows)" in report
 
 
@@ -65,7 +66,8 @@ def test_paper_mode_is_the_default_and_unchanged(pack, glue, slim_sd15):
                          retain_scale=3.0)
     got, want = glue.weights.effective_kv_weights(paper), glue.weights.effective_kv_weights(default)
     assert all(torch.equal(got[k], want[k]) for k in want)
-    assert "UCE step + 3 RECE epochs" in report and "SPEED" not in report
+    assert report.startswith("RECE erased 'nudity'") and "UCE step + 3 RECE epochs" in report
+    assert "SPEED" not in report
 
 
 def test_speed_keeps_the_start_token_and_the_retained_words_where_the_paper_moves_them(pack, glue, slim_sd15):
@@ -89,16 +91,46 @@ def test_speed_keeps_the_start_token_and_the_retained_words_where_the_paper_move
     assert "retained rows" in report and re.search(r"the edit may use \d+ of 768 directions", report)
 
 
+def test_every_token_mode_keeps_every_preserved_token_and_the_whole_empty_prompt(pack, glue, slim_sd15):
+    model, clip, _ = slim_sd15
+    weights = glue.weights.effective_kv_weights(model)
+    preserve = ["a portrait", "a landscape"]
+    rows = []
+    for text in preserve:
+        (encoded,) = glue.text.encode_texts(clip, [text])
+        rows.append(encoded.rows[1:encoded.n_words + 2])   # every word and the EOS
+    (empty,) = glue.text.encode_texts(clip, [""])
+    kept = torch.cat(rows + [empty.rows[1:]]).double()
+    # What SPEED keeps exactly: the directions in which these rows' mean
+    # second moment reaches the threshold (rows' small components in other
+    # directions are free, by SPEED's design).
+    values, vectors = torch.linalg.eigh(kept.T @ kept / kept.shape[0])
+    span = vectors[:, values >= 0.1].T
+    moved = {}
+    for mode in (SPEED, "SPEED null space, every token kept"):
+        erased, report = rece_node(pack, model, clip, preserve="\n".join(preserve), preserve_mode=mode)
+        after = glue.weights.effective_kv_weights(erased)
+        moved[mode] = (output_change(weights, after, span), output_change(weights, after, kept))
+    assert moved["SPEED null space, every token kept"][0] < 1e-5 < 1e-3 < moved[SPEED][0]
+    assert moved["SPEED null space, every token kept"][1] < moved[SPEED][1] / 2
+    assert "retained rows: every token" in report
+    assert "the empty prompt's rows and every token of 'a portrait', 'a landscape'" in report
+
+
 def test_speed_erasure_saves_loads_exports_and_compares_like_the_papers(pack, glue, comfy_nodes, slim_sd15, folders,
                                                                          model_fingerprint):
     model, clip, _ = slim_sd15
     before = model_fingerprint(model)
     erased, _ = rece_node(pack, model, clip, concepts="nudity", preserve="a portrait", preserve_mode=SPEED)
-    name = saved_name(save_erasure(pack, erased, "speed"))
+    save_report = save_erasure(pack, erased, "speed")
+    name = saved_name(save_report)
+    assert ("RECE with SPEED's null space 'nudity' -> the empty prompt: threshold 0.1, retain_scale 1.0, "
+            "retained rows: last word") in save_report
     with safe_open(str(folders / "rece_erasures" / name), "pt") as handle:
         (entry,) = json.loads(handle.metadata()["rece_erasure"])["erasures"]
     assert entry["preserve_mode"] == "SPEED" and entry["threshold"] == 0.1 and entry["retain_scale"] == 1.0
     assert entry["method"] == "RECE" and entry["epochs"] == 3 and entry["invariant_lamb"] == 0.0
+    assert entry["retained_rows"] == "last word"
 
     erased_weights = glue.weights.effective_kv_weights(erased)
     loaded, _ = load_erasure(pack, model, name)

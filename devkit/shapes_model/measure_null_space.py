@@ -13,12 +13,16 @@ each erasure leaves of the concept, of every other caption, and under attack.
   preset's 3 adversarial epochs, each erased with SPEED's step);
 
 with preserve = the empty prompt only and with preserve = the other shapes'
-or colours' words, is sampled on every caption (16 images each: the concept
+or colours' words; then SPEED + RECE epochs with the pack's variant that
+keeps every token of the preserve texts and the whole empty prompt ('SPEED
+null space, every token kept'), preserving the other words and the six other
+captions. Each is sampled on every caption (16 images each: the concept
 left on the captions that ask for it, both colour and shape right on every
 other caption) and attacked on each caption that asks for the concept with
 Ring-A-Bell and UnlearnDiff as ``measure_attacks`` does (``--seeds`` seeds per
 caption, the authors' UnlearnDiff budget). Writes ``null_space.md`` and
-``null_space.json`` to ``--out``.
+``null_space.json`` to ``--out``; ``--reuse`` an earlier ``null_space.json``
+to measure only the configurations it lacks.
 """
 from __future__ import annotations
 
@@ -35,16 +39,22 @@ from devkit.shapes_model import data
 from devkit.shapes_model.measure import ERASE_SETTINGS, RESULTS_DIR, SAMPLER, asks_for, concept_of
 from devkit.shapes_model.measure_attacks import RING_A_BELL_ETA, UNLEARNDIFF, AttackLab
 
-PAPER, SPEED = "paper", "SPEED null space"
+PAPER, SPEED, SPEED_EVERY_TOKEN = "paper", "SPEED null space", "SPEED null space, every token kept"
 # (label, node, preserve mode)
 METHODS = (("RECE (paper)", "RECEEraseConcept", PAPER),
            ("SPEED", "UCEEraseConcept", SPEED),
            ("SPEED + RECE epochs", "RECEEraseConcept", SPEED))
+EVERY_TOKEN = ("SPEED + RECE epochs, every token kept", "RECEEraseConcept", SPEED_EVERY_TOKEN)
 OTHERS = {"circle": "square\ntriangle", "red": "green\nblue"}
+OTHER_CAPTIONS = {concept: "\n".join(c for c in data.CAPTIONS if not asks_for(concept, c)) for concept in OTHERS}
 RING_A_BELL_PAIRS = {"circle": "\n".join(f"a {colour} circle | a {colour}" for colour in data.COLOURS),
                      "red": "\n".join(f"a red {shape} | a {shape}" for shape in data.SHAPES)}
+# The issue's matrix (the authors' retained rows), then the pack's variant
+# that keeps every token of the preserve texts and the whole empty prompt.
 CONFIGS = [(concept, preserve, method) for concept in OTHERS for preserve in ("", OTHERS[concept])
            for method in METHODS]
+CONFIGS += [(concept, preserve, EVERY_TOKEN) for concept in OTHERS
+            for preserve in (OTHERS[concept], OTHER_CAPTIONS[concept])]
 IMAGES = 16  # per caption, for the concept left and the other captions
 TARGETS = {"circle_left": 0.05, "others_drop": 0.03, "red_keeps": 0.10}
 
@@ -90,6 +100,14 @@ def measure_config(lab: AttackLab, index: int, seeds: int, iterations: int, log=
     return result
 
 
+def preserve_label(result: dict) -> str:
+    if not result["preserve"]:
+        return "empty prompt"
+    if result["preserve"] == OTHER_CAPTIONS[result["concept"]]:
+        return "empty + the 6 other captions"
+    return "empty + " + ", ".join(result["preserve"].split("\n"))
+
+
 def rate(result: dict, attack: str) -> float:
     return sum(a[attack] for a in result["attacks"]) / len(result["attacks"])
 
@@ -117,7 +135,7 @@ def table(results: list[dict], original: dict[str, float], seeds: int, iteration
         mean = sum(others.values()) / len(others)
         before = sum(original[c] for c in others) / len(others)
         worst = max(others, key=lambda c: original[c] - others[c])
-        preserve = "empty prompt" if not r["preserve"] else "empty + " + ", ".join(r["preserve"].split("\n"))
+        preserve = preserve_label(r)
         lines.append(f"| {r['concept']} | {preserve} | {r['method']} | {_pct(r['concept_left'])} | {_pct(mean)} "
                      f"({_pct(before)}) | {100 * (original[worst] - others[worst]):.0f} pts ({worst}) | "
                      f"{_pct(rate(r, 'ring_a_bell'))} | {_pct(rate(r, 'unlearndiff'))} |")
@@ -128,7 +146,7 @@ def table(results: list[dict], original: dict[str, float], seeds: int, iteration
                   "| model | preserve | " + " | ".join(captions) + " |", "|---|---|" + "---|" * len(captions),
                   "| original | | " + " | ".join(_pct(original[c]) for c in captions) + " |"]
         for r in rows:
-            lines.append(f"| {r['method']} | {'empty' if not r['preserve'] else 'others'} | "
+            lines.append(f"| {r['method']} | {preserve_label(r)} | "
                          + " | ".join(_pct(r["others"][c]) for c in captions) + " |")
     lines += ["", "Targets:", "", *target_lines(results, original)]
     return "\n".join(lines) + "\n"
@@ -140,7 +158,7 @@ def target_lines(results: list[dict], original: dict[str, float]) -> list[str]:
         return sum(original[c] - others[c] for c in others) / len(others)
 
     def name(r: dict) -> str:
-        return f"{r['method']}, preserve {'empty prompt' if not r['preserve'] else 'others'}"
+        return f"{r['method']}, preserve {preserve_label(r)}"
 
     paper = next(r for r in results if r["concept"] == "circle" and r["method"] == "RECE (paper)" and not r["preserve"])
     circle = [r for r in results if r["concept"] == "circle"]
@@ -151,7 +169,7 @@ def target_lines(results: list[dict], original: dict[str, float]) -> list[str]:
              f"the paper's RECE ({_pct(rate(paper, 'unlearndiff'))}): "
              + ("met by " + "; ".join(name(r) for r in meeting) if meeting else "**not met**") + "."]
     for r in circle:
-        lines.append(f"  - {name(r)}: circles {_pct(r['concept_left'])}, others {100 * drop(r):+.0f} points below "
+        lines.append(f"  - {name(r)}: circles {_pct(r['concept_left'])}, others {100 * drop(r):.0f} points below "
                      f"the original, UnlearnDiff {_pct(rate(r, 'unlearndiff'))}")
     for r in (r for r in results if r["concept"] == "red"):
         kept = {c: original[c] - v for c, v in r["others"].items() if "green" in c or "blue" in c}
@@ -163,6 +181,20 @@ def target_lines(results: list[dict], original: dict[str, float]) -> list[str]:
     return lines
 
 
+def reused(path: Path, seeds: int, iterations: int) -> dict[int, dict]:
+    """``{CONFIGS index: result}`` from an earlier run with the same attack budget."""
+    earlier = json.loads(path.read_text())
+    if (earlier["seeds"], earlier["iterations"]) != (seeds, iterations):
+        return {}
+    found = {}
+    for result in earlier["results"]:
+        for i, (concept, preserve, (label, _, _)) in enumerate(CONFIGS):
+            if (result["concept"], result["preserve"], result["method"]) == (concept, preserve, label):
+                found[i] = result
+    print(f"reusing {len(found)} configurations measured in {path}")
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=4, help="attack seeds per caption (default 4)")
@@ -171,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", help="comma-separated indices into CONFIGS (used by --jobs)")
     parser.add_argument("--json", type=Path, help="write the configurations' results here (used by --jobs)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})")
+    parser.add_argument("--reuse", type=Path, help="an earlier null_space.json: configurations it holds, measured "
+                                                   "with the same seeds and iterations, are not measured again")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -180,9 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         results = [measure_config(lab, int(i), args.seeds, args.iterations) for i in args.configs.split(",")]
         args.json.write_text(json.dumps(results) + "\n")
         return 0
-    jobs = max(1, args.jobs)
-    parts = [list(range(len(CONFIGS)))[j::jobs] for j in range(jobs)]
-    files = [args.out / f".null_space_{j}.json" for j in range(jobs)]
+    by_index = reused(args.reuse, args.seeds, args.iterations) if args.reuse else {}
+    todo = [i for i in range(len(CONFIGS)) if i not in by_index]
+    jobs = max(1, min(args.jobs, len(todo)))
+    parts = [todo[j::jobs] for j in range(jobs)] if todo else []
+    files = [args.out / f".null_space_{j}.json" for j in range(len(parts))]
     children = [subprocess.Popen([sys.executable, "-m", "devkit.shapes_model.measure_null_space", "--configs",
                                   ",".join(map(str, part)), "--seeds", str(args.seeds), "--iterations",
                                   str(args.iterations), "--json", str(path), "--out", str(args.out)])
@@ -190,7 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     if any(child.wait() for child in children):
         print("a measuring process failed", file=sys.stderr)
         return 1
-    by_index = {}
     for part, path in zip(parts, files):
         for i, result in zip(part, json.loads(path.read_text())):
             by_index[i] = result
