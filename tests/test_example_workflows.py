@@ -28,13 +28,15 @@ SHIPPED_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 TEST_SIZE, TEST_STEPS = 64, 2
 TEST_ATTACK_ITERATIONS = 2  # UnlearnDiff's budget in the example runs: each step is a CLIP and UNet backward
 PRESETS = ["nudity", "unsafe", "artistic_style", "object_hard", "object_easy", "custom"]
+PRESERVE_MODES = ["paper", "SPEED null space", "SPEED null space, every token kept"]
 NUMBERS = ["lamb", "erase_scale", "preserve_scale", "reg_scale", "strength"]
+SPEED_INPUTS = ["preserve_mode", "threshold", "retain_scale"]  # optional: graphs saved before them still run
 # (class, display name, required inputs in order, optional inputs, outputs)
 PACK_NODES = [
     ("RECEEraseConcept", "RECE Erase Concept",
-     ["model", "clip", "concepts", "guide", "preserve", "preset", "epochs", *NUMBERS], [], ["MODEL", "STRING"]),
+     ["model", "clip", "concepts", "guide", "preserve", "preset", "epochs", *NUMBERS], SPEED_INPUTS, ["MODEL", "STRING"]),
     ("UCEEraseConcept", "UCE Erase Concept",
-     ["model", "clip", "concepts", "guide", "preserve", "preset", *NUMBERS], [], ["MODEL", "STRING"]),
+     ["model", "clip", "concepts", "guide", "preserve", "preset", *NUMBERS], SPEED_INPUTS, ["MODEL", "STRING"]),
     ("RECEDeriveAdversarialEmbedding", "Derive Adversarial Embedding",
      ["model", "clip", "concept", "reg_scale"], ["original_model"], ["CONDITIONING", "STRING"]),
     ("RECESaveErasure", "Save Erasure", ["model", "filename_prefix"], [], ["STRING"]),
@@ -50,7 +52,7 @@ PACK_NODES = [
 ]
 DEFAULTS = {"concepts": "nudity", "guide": "", "preserve": "", "preset": "nudity", "epochs": 3, "lamb": 0.1,
             "erase_scale": 1.0, "preserve_scale": 0.1, "reg_scale": 0.1, "strength": 1.0, "concept": "nudity",
-            "rank": 0, "precision": "float32"}
+            "rank": 0, "precision": "float32", "preserve_mode": "paper", "threshold": 0.1, "retain_scale": 1.0}
 
 
 class Checks:
@@ -148,6 +150,9 @@ def check_pack_nodes(check: Checks, object_info: dict) -> None:
                 check.that(specs[name][1].get("multiline"), f"{kind}.{name}: not multiline")
         if "preset" in specs:
             check.that(specs["preset"][0] == PRESETS, f"{kind}.preset: choices {specs['preset'][0]}")
+        if "preserve_mode" in specs:
+            check.that(specs["preserve_mode"][0] == PRESERVE_MODES,
+                       f"{kind}.preserve_mode: choices {specs['preserve_mode'][0]}")
         check.that(len(info.get("output_tooltips", [])) == len(outputs), f"{kind}: output tooltips missing")
 
 
