@@ -78,8 +78,8 @@ def erase_inputs(with_epochs: bool) -> dict:
             "tooltip": "How the edit keeps what should stay. 'paper': the UCE/RECE step, which only weighs the "
                        "preserved concepts (the authors' numbers reproduce exactly). 'SPEED null space' (Li et al., "
                        "ICLR 2026): the edit may only use directions the preserved concepts' last words do not use "
-                       "(the empty prompt's rows when none is given), and the start token's and the empty prompt's "
-                       "main outputs stay exactly; lamb, erase_scale and preserve_scale are then unused. 'SPEED null "
+                       "(the empty prompt's rows when none is given), and the outputs of the start token and of 3 "
+                       "centres of the empty prompt's rows stay exactly; lamb, erase_scale and preserve_scale are then unused. 'SPEED null "
                        "space, every token kept': the same, keeping every token of each preserved concept and the "
                        "whole empty prompt (this pack's variant; on the demo model it keeps the other captions best)."}),
         "threshold": _float(speed.threshold, "SPEED only: a direction is free for the edit when the preserved "
