@@ -121,10 +121,11 @@ class ShapesLab:
             result.images[caption], result.readings[caption] = images, classify.classify_batch(images)
         return result
 
-    def erase(self, method: str, concept: str):
-        """(erased MODEL, report) from the pack's UCE or RECE Erase Concept node."""
+    def erase(self, method: str, concept: str, **changes):
+        """(erased MODEL, report) from the pack's UCE or RECE Erase Concept node, with
+        ``ERASE_SETTINGS`` and ``changes`` (other inputs, e.g. ``preserve_mode``)."""
         node = self.node("RECEEraseConcept" if method == "RECE" else "UCEEraseConcept")
-        settings = dict(ERASE_SETTINGS)
+        settings = dict(ERASE_SETTINGS, **changes)
         if method == "UCE":
             settings.pop("epochs")
         return node.erase(self.model, self.clip, concept, **settings)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from devkit.shapes_model import data
-from devkit.shapes_model.measure import ERASE_SETTINGS, RESULTS_DIR, SAMPLER, asks_for, concept_of
+from devkit.shapes_model.measure import RESULTS_DIR, SAMPLER, asks_for, concept_of
 from devkit.shapes_model.measure_attacks import RING_A_BELL_ETA, UNLEARNDIFF, AttackLab
 
 PAPER, SPEED, SPEED_EVERY_TOKEN = "paper", "SPEED null space", "SPEED null space, every token kept"
@@ -59,13 +59,6 @@ IMAGES = 16  # per caption, for the concept left and the other captions
 TARGETS = {"circle_left": 0.05, "others_drop": 0.03, "red_keeps": 0.10}
 
 
-def erase(lab: AttackLab, concept: str, node: str, mode: str, preserve: str):
-    settings = dict(ERASE_SETTINGS, preserve=preserve)
-    if node == "UCEEraseConcept":
-        settings.pop("epochs")
-    return lab.node(node).erase(lab.model, lab.clip, concept, preserve_mode=mode, **settings)
-
-
 def caption_accuracy(lab: AttackLab, model, captions) -> dict[str, float]:
     run = lab.run(model, captions)
     return {caption: run.accuracy([caption]) for caption in captions}
@@ -75,7 +68,8 @@ def measure_config(lab: AttackLab, index: int, seeds: int, iterations: int, log=
     """One erasure (``CONFIGS[index]``), sampled and attacked; JSON-ready."""
     concept, preserve, (label, node, mode) = CONFIGS[index]
     started = time.perf_counter()
-    erased, report = erase(lab, concept, node, mode, preserve)
+    erased, report = lab.erase("RECE" if node == "RECEEraseConcept" else "UCE", concept, preserve=preserve,
+                               preserve_mode=mode)
     asked = [c for c in data.CAPTIONS if asks_for(concept, c)]
     others = [c for c in data.CAPTIONS if not asks_for(concept, c)]
     plain = lab.run(erased, asked)
